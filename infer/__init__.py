@@ -1,0 +1,1 @@
+"""Sampling, the editing pipeline and CLI, early-filter scaling and judges."""

@@ -1,0 +1,1 @@
+"""Fine-tuning: data, the training script, and the miniature shapes world."""
