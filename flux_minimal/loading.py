@@ -94,6 +94,16 @@ class SafetensorsFile:
                                 offset=self.data_start + begin)
         return flat.view(shape)
 
+    def release(self, key: str) -> None:
+        """Drop the pages of `key` from this process's memory once a copy of it was made (a dtype
+        conversion, a move to the GPU): they are re-read from the file if ever touched again."""
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        begin, end = self.header[key]["data_offsets"]
+        start = (self.data_start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+        if self.data_start + end > start:
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, self.data_start + end - start)
+
 
 class Checkpoint:
     """The tensors of one checkpoint: a single file, or the shards named by an index json.
@@ -146,6 +156,10 @@ class Checkpoint:
     def tensor(self, key: str) -> Tensor:
         f, k = self._where[key]
         return f.tensor(k)
+
+    def release(self, key: str) -> None:
+        f, k = self._where[key]
+        f.release(k)
 
 
 def open_checkpoint(path: str | Path, single_names: tuple[str, ...], index_name: str) -> Checkpoint:
@@ -255,6 +269,9 @@ def load_state(model: nn.Module, ckpt: Checkpoint, rules: list[Rule] = (), *, de
         t = ts[0] if combine is None else combine(ts)
         target_dtype = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
         state[key] = t.to(device=device, dtype=target_dtype)  # no copy when already there
+        if state[key].data_ptr() != ts[0].data_ptr():  # a copy was made: the mapped pages can go
+            for s in srcs:
+                ckpt.release(s)
     model.load_state_dict(state, strict=True, assign=True)
     return model
 
