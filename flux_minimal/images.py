@@ -1,0 +1,144 @@
+"""Images in and out, and the in-context diptych: shared by the editing pipeline and training.
+
+    source (any mode, EXIF-rotated) -> RGB, width w (x16), height h (x16, aspect kept)
+    diptych [source | source] (2w x h), mask = 1 on the right half: FLUX Fill regenerates it
+    prompt  IC_PROMPT.format(instruction)
+    edit    = the right half of the result, crop (w, 0, 2w, h)
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+from torch import Tensor
+
+from .errors import FluxMinimalError
+
+# The in-context edit prompt, exactly as in the paper and the official scripts.
+IC_PROMPT = ("A diptych with two side-by-side images of the same scene. On the right, the scene is "
+             "exactly the same as on the left but {instruction}")
+
+MIN_SIDE = 64  # smaller inputs carry too little to edit; FLUX works on 16-pixel patches
+MAX_PIXELS = 64_000_000  # larger files are refused before decoding (decompression-bomb guard)
+
+
+def ic_prompt(instruction: str) -> str:
+    instruction = " ".join(instruction.split())
+    if not instruction:
+        raise FluxMinimalError("the instruction is empty: say what to change, e.g. \"make the sky purple\"")
+    return IC_PROMPT.format(instruction=instruction)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: EXIF orientation applied, alpha composited on white, 16-bit grey
+    scaled to 8 bits, palette/CMYK/L converted."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if a.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(a / top * 255 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img.convert("RGBA"))
+    return img.convert("RGB")
+
+
+def load_image(src: "str | Path | Image.Image") -> Image.Image:
+    """Open and validate an input image; every failure is a FluxMinimalError naming the file."""
+    name = "the image" if isinstance(src, Image.Image) else str(src)
+    if isinstance(src, Image.Image):
+        img = src
+    else:
+        path = Path(src)
+        if not path.is_file():
+            raise FluxMinimalError(f"{path}: no such image file")
+        try:
+            img = Image.open(path)
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise FluxMinimalError(f"{path} is {w}x{h} ({w * h / 1e6:.0f} MP); the limit is "
+                                       f"{MAX_PIXELS / 1e6:.0f} MP. Downscale it first (it is resized to "
+                                       f"the edit width anyway).")
+            img.load()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise FluxMinimalError(f"{path} is not a readable image ({type(e).__name__}: {e})") from None
+    w, h = img.size
+    if min(w, h) < MIN_SIDE:
+        raise FluxMinimalError(f"{name} is {w}x{h}; both sides must be at least {MIN_SIDE} pixels")
+    return to_rgb(img)
+
+
+def fit_width(img: Image.Image, width: int) -> Image.Image:
+    """Resize to `width` (rounded down to a multiple of 16), height scaled with the aspect kept and
+    rounded down to a multiple of 16 (ICEdit resizes to width 512; FLUX needs 16-pixel patches)."""
+    w16 = width // 16 * 16
+    if w16 < 16:
+        raise FluxMinimalError(f"width {width} is too small: use at least 16 (ICEdit uses 512)")
+    h16 = max(16, int(img.height * w16 / img.width) // 16 * 16)
+    if (w16, h16) == img.size:
+        return img
+    return img.resize((w16, h16), Image.Resampling.LANCZOS)
+
+
+def make_diptych(left: Image.Image, right: Image.Image | None = None) -> Image.Image:
+    """[left | right] side by side (right defaults to left: it is masked out at inference)."""
+    right = left if right is None else right
+    if right.size != left.size:
+        raise ValueError(f"diptych halves differ in size: {left.size} vs {right.size}")
+    out = Image.new("RGB", (2 * left.width, left.height))
+    out.paste(left, (0, 0))
+    out.paste(right, (left.width, 0))
+    return out
+
+
+def right_half_mask(height: int, width: int) -> Tensor:
+    """[1, 1, H, W] float mask of a diptych of total width W: 0 on the left, 1 (generate) on the right."""
+    mask = torch.zeros(1, 1, height, width)
+    mask[..., width // 2:] = 1.0
+    return mask
+
+
+def right_half(img: Image.Image) -> Image.Image:
+    return img.crop((img.width // 2, 0, img.width, img.height))
+
+
+def to_tensor(img: Image.Image) -> Tensor:
+    """PIL RGB -> [1, 3, H, W] float32 in [-1, 1]."""
+    a = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32).copy())
+    return (a / 127.5 - 1.0).permute(2, 0, 1)[None]
+
+
+def to_pil(x: Tensor) -> Image.Image:
+    """[1, 3, H, W] or [3, H, W] in [-1, 1] -> PIL RGB (clamped, rounded to the nearest level)."""
+    x = x.detach().float().cpu().reshape(-1, *x.shape[-3:])[0].clamp(-1, 1)
+    a = ((x + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(a, "RGB")
+
+
+def save_png(img: Image.Image, path: "str | Path", metadata: dict | None = None) -> Path:
+    """Write a PNG atomically (a temporary file in the same folder, then rename): an interrupted
+    run never leaves a half-written image. `metadata` goes into PNG text chunks."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise FluxMinimalError(f"cannot write {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise FluxMinimalError(f"cannot write {path}: the folder {folder} is not writable")
+    info = PngImagePlugin.PngInfo()
+    for k, v in (metadata or {}).items():
+        info.add_text(str(k), str(v))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            img.save(f, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+

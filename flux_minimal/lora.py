@@ -1,0 +1,403 @@
+"""LoRA and mixture-of-LoRA-experts adapters on our (BFL-named, fused) FLUX, and their files.
+
+A LoRA adds s * B (A x) to a linear layer, A [r, in], B [out, r], s = scale * alpha / r.
+Our DiT fuses layers that diffusers keeps apart (img_attn.qkv = [to_q; to_k; to_v] rows,
+single_blocks.N.linear1 = [to_q; to_k; to_v; proj_mlp]). A LoRA on one of those is a LoRA on a
+row block ("part") of the fused layer, so `LoRALinear` holds one (A, B) pair per part:
+
+    y = W x + b;  y[rows of part j] += s_j * B_j (A_j x)        (one matmul for all A_j together)
+
+The mixture of LoRA experts (ICEdit-MoE) sits on unfused layers (img_mlp.2, linear2):
+    e = argmax(R x) per token;  y = W x + b + s * B_e (A_e x)
+computed by `kernels.lora_moe.lora_moe_linear` (the fused Triton kernel on CUDA, its torch
+reference elsewhere). With top-1 routing the router receives no gradient (see the kernel).
+
+Files: the official diffusers/peft layout (`transformer.<diffusers module>.lora_A.weight`,
+`lora_B.weight`, MoE `lora_A.expert_i.weight`, `lora_B.expert_i.weight`, `lora_route.weight`)
+is mapped onto our modules through the same table that loads diffusers checkpoints
+(mmdit.FLUX_FROM_DIFFUSERS). Our own format is the adapters' state dict under our names:
+`<module>.lora_A.<part>`, `<module>.lora_B.<part>`, `<module>.alpha.<part>` (MoE: `<module>.lora_A`
+[E, r, in], `<module>.lora_B` [E, out, r], `<module>.lora_route` [E, in]).
+"""
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kernels.lora_moe import lora_moe_linear
+
+from .errors import WeightsError
+from .loading import Checkpoint, swap_halves
+from .mmdit import FLUX_FROM_DIFFUSERS, Flux
+
+# The official ICEdit targets (diffusers names, {i} a block index); nothing on the text stream.
+OFFICIAL_TARGETS = [
+    "x_embedder",
+    "transformer_blocks.{i}.norm1.linear", "transformer_blocks.{i}.attn.to_q", "transformer_blocks.{i}.attn.to_k",
+    "transformer_blocks.{i}.attn.to_v", "transformer_blocks.{i}.attn.to_out.0", "transformer_blocks.{i}.ff.net.2",
+    "single_transformer_blocks.{i}.norm.linear", "single_transformer_blocks.{i}.attn.to_q",
+    "single_transformer_blocks.{i}.attn.to_k", "single_transformer_blocks.{i}.attn.to_v",
+    "single_transformer_blocks.{i}.proj_mlp", "single_transformer_blocks.{i}.proj_out",
+]
+MOE_TARGETS = ["transformer_blocks.{i}.ff.net.2", "single_transformer_blocks.{i}.proj_out"]  # 'ff.net', 'proj_out'
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a diffusers module lives in our model: row block `part` of `n_parts` of `module`."""
+
+    module: str  # e.g. double_blocks.3.img_attn.qkv
+    part: int
+    n_parts: int
+    swap: bool = False  # diffusers' norm_out is (scale, shift); ours (shift, scale): swap B's halves
+
+
+@dataclass(frozen=True)
+class _Entry:
+    diffusers: str  # diffusers module template, e.g. "transformer_blocks.{i}.attn.to_k"
+    ours: str  # our module template, e.g. "double_blocks.{i}.img_attn.qkv"
+    part: int
+    n_parts: int
+    swap: bool
+
+    @staticmethod
+    def regex(template: str) -> re.Pattern:
+        return re.compile(re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+
+
+# The LoRA view of the checkpoint table: each diffusers linear layer is part j of one of ours.
+_TABLE = [_Entry(src[: -len(".{w}")], rule.target[: -len(".{w}")], j, len(rule.sources), rule.combine is swap_halves)
+          for rule in FLUX_FROM_DIFFUSERS if rule.target.endswith(".{w}")  # (norm scales are not linears)
+          for j, src in enumerate(rule.sources)]
+
+
+def diffusers_target(name: str) -> Target | None:
+    """`transformer_blocks.3.attn.to_k` -> Target('double_blocks.3.img_attn.qkv', part 1 of 3)."""
+    for e in _TABLE:
+        m = e.regex(e.diffusers).match(name)
+        if m:
+            return Target(e.ours.format(**m.groupdict()), e.part, e.n_parts, e.swap)
+    return None
+
+
+def diffusers_name(module: str, part: int) -> str:
+    """The inverse: ('double_blocks.3.img_attn.qkv', 1) -> 'transformer_blocks.3.attn.to_k'."""
+    for e in _TABLE:
+        m = e.regex(e.ours).match(module)
+        if m and e.part == part:
+            return e.diffusers.format(**m.groupdict())
+    raise KeyError(f"{module} part {part} has no diffusers name")
+
+
+def n_parts(module: str) -> int:
+    """How many diffusers layers our `module` fuses (qkv: 3, linear1: 4, others: 1)."""
+    for e in _TABLE:
+        if e.regex(e.ours).match(module):
+            return e.n_parts
+    return 1
+
+
+def part_rows(linear: nn.Linear, n_parts: int, hidden: int) -> list[tuple[int, int]]:
+    """Row ranges of a fused layer's parts: equal `hidden`-sized blocks, the last taking the rest
+    (qkv: D, D, D; linear1: D, D, D, mlp_hidden)."""
+    if n_parts == 1:
+        return [(0, linear.out_features)]
+    starts = [j * hidden for j in range(n_parts)] + [linear.out_features]
+    return list(zip(starts[:-1], starts[1:]))
+
+
+class LoRALinear(nn.Linear):
+    """An nn.Linear (same `weight` and `bias`, same keys) with LoRA parts or LoRA experts."""
+
+    def __init__(self, base: nn.Linear, rows: list[tuple[int, int]]):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.rows = rows  # the row range of each part
+        self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
+        self.scales: dict[str, float] = {}  # part -> alpha / r (the user's scale is applied on top)
+        self.scale = 1.0
+        self.lora_route: nn.Parameter | None = None  # set for MoE: lora_A/lora_B hold "experts"
+        self.merged = False
+
+    @property
+    def is_moe(self) -> bool:
+        return self.lora_route is not None
+
+    def add_part(self, part: int, A: Tensor, B: Tensor, alpha: float | None = None) -> None:
+        r = A.shape[0]
+        self.lora_A[str(part)] = nn.Parameter(A, requires_grad=A.requires_grad)
+        self.lora_B[str(part)] = nn.Parameter(B, requires_grad=B.requires_grad)
+        self.scales[str(part)] = (alpha if alpha is not None else r) / r
+
+    def set_experts(self, A: Tensor, B: Tensor, route: Tensor, alpha: float | None = None) -> None:
+        """A [E, r, in], B [E, out, r], route [E, in]."""
+        if self.lora_A:
+            raise WeightsError("a layer cannot hold both a plain LoRA and LoRA experts")
+        self.add_part("experts", A, B, alpha)
+        self.scales["experts"] = (alpha if alpha is not None else A.shape[1]) / A.shape[1]
+        self.lora_route = nn.Parameter(route, requires_grad=route.requires_grad)
+
+    def delta_weight(self, part: str) -> Tensor:
+        """The plain LoRA part as a weight update [rows, in], in float32."""
+        return self.scale * self.scales[part] * (self.lora_B[part].float() @ self.lora_A[part].float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.is_moe:
+            return lora_moe_linear(x, self.weight, self.bias, self.lora_A["experts"], self.lora_B["experts"],
+                                   self.lora_route, scale=self.scale * self.scales["experts"])
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged or not self.lora_A:
+            return y
+        parts = list(self.lora_A)
+        h = F.linear(x, torch.cat([self.lora_A[p] for p in parts]).to(x.dtype))  # [..., sum of ranks]
+        r0 = 0
+        for p in parts:  # in place is safe: the base matmul's backward does not need y
+            r = self.lora_A[p].shape[0]
+            start, end = self.rows[int(p)]
+            y[..., start:end] += (self.scale * self.scales[p]) * F.linear(h[..., r0:r0 + r], self.lora_B[p].to(x.dtype))
+            r0 += r
+        return y
+
+
+def _get(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise WeightsError(f"the model has no module {name!r} (is this LoRA for a deeper/other FLUX?)") from None
+
+
+def lora_layer(model: Flux, module: str, n_parts: int) -> LoRALinear:
+    """The LoRALinear at `module`, installing it over the plain nn.Linear on first use."""
+    layer = _get(model, module)
+    if isinstance(layer, LoRALinear):
+        return layer
+    if not isinstance(layer, nn.Linear):
+        raise WeightsError(f"{module} is a {type(layer).__name__}, not a linear layer: it cannot take a LoRA")
+    new = LoRALinear(layer, part_rows(layer, n_parts, model.params.hidden_size))
+    parent, _, child = module.rpartition(".")
+    setattr(_get(model, parent) if parent else model, child, new)
+    return new
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+# ---- creating adapters (training) ------------------------------------------------------------------
+
+def expand_targets(model: Flux, targets: list[str]) -> list[str]:
+    """Official target templates -> concrete diffusers module names for this model's depth."""
+    names = []
+    for t in targets:
+        n = model.params.depth if t.startswith("transformer_blocks") else model.params.depth_single_blocks
+        names += [t.format(i=i) for i in range(n)] if "{i}" in t else [t]
+    return names
+
+
+def add_lora(model: Flux, rank: int = 32, alpha: float | None = None, targets: list[str] = OFFICIAL_TARGETS,
+             experts: int = 0, dtype: torch.dtype = torch.float32, seed: int = 0) -> list[nn.Parameter]:
+    """Fresh trainable adapters (ICEdit's recipe): A ~ N(0, 1/r) ("gaussian" init), B = 0, so the
+    model starts unchanged. experts > 0 puts LoRA experts with a router on the MoE targets
+    (ff.net.2, proj_out; router init like nn.Linear's). Returns the new parameters."""
+    g = torch.Generator().manual_seed(seed)
+    moe = set(expand_targets(model, MOE_TARGETS)) if experts else set()
+    params = []
+    for name in expand_targets(model, targets):
+        t = diffusers_target(name)
+        layer = lora_layer(model, t.module, t.n_parts)
+        device = layer.weight.device
+        start, end = layer.rows[t.part]
+        if name in moe:
+            A = torch.randn(experts, rank, layer.in_features, generator=g) / rank
+            B = torch.zeros(experts, end - start, rank)
+            bound = 1 / math.sqrt(layer.in_features)
+            R = torch.empty(experts, layer.in_features).uniform_(-bound, bound, generator=g)
+            layer.set_experts(*(p.to(device, dtype).requires_grad_() for p in (A, B, R)), alpha=alpha)
+            params += [layer.lora_A["experts"], layer.lora_B["experts"], layer.lora_route]
+        else:
+            A = torch.randn(rank, layer.in_features, generator=g) / rank
+            B = torch.zeros(end - start, rank)
+            layer.add_part(t.part, A.to(device, dtype).requires_grad_(), B.to(device, dtype).requires_grad_(), alpha)
+            params += [layer.lora_A[str(t.part)], layer.lora_B[str(t.part)]]
+    return params
+
+
+# ---- files ---------------------------------------------------------------------------------------
+
+_OFFICIAL = re.compile(r"^(?:transformer\.|base_model\.model\.)?(?P<mod>.+?)\."
+                       r"(?:(?P<kind>lora_A|lora_B)(?:\.expert_(?P<e>\d+))?\.weight|(?P<route>lora_route)\.weight"
+                       r"|(?P<alpha>alpha))$")
+_OURS = re.compile(r"^(?P<mod>.+)\.(?P<kind>lora_A|lora_B|alpha)\.(?P<part>\d+|experts)$|^(?P<rmod>.+)\.lora_route$")
+
+
+def _listing(items: list[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f" (and {len(items) - n} more)" if len(items) > n else "")
+
+
+def _open_lora(path: Path) -> Checkpoint:
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        preferred = [f for f in files if f.name == "pytorch_lora_weights.safetensors"]
+        if not files:
+            raise WeightsError(f"{path} holds no .safetensors LoRA file (expected pytorch_lora_weights.safetensors)")
+        if len(files) > 1 and not preferred:
+            raise WeightsError(f"{path} holds several .safetensors files; pass one of them: {[f.name for f in files]}")
+        path = (preferred or files)[0]
+    return Checkpoint([path])
+
+
+def load_lora(model: Flux, path: "str | Path", scale: float = 1.0) -> dict[str, LoRALinear]:
+    """Load a LoRA or MoE-LoRA file (official diffusers/peft layout, or ours) onto `model`.
+
+    Official files: rank from the shapes, alpha = rank unless an `.alpha` key is present, the number
+    of experts from the `expert_i` suffixes. `scale` multiplies every adapter's output. Returns the
+    adapted layers. Any key that does not fit raises a WeightsError listing the first offenders.
+    """
+    ckpt = _open_lora(Path(path))
+    keys = ckpt.keys()
+    ours = all(_OURS.match(k) for k in keys) and not any(k.startswith("transformer.") for k in keys)
+    groups: dict[Target, dict] = {}
+    unknown, problems = [], []
+    for k in keys:
+        m = (_OURS if ours else _OFFICIAL).match(k)
+        if m is None:
+            unknown.append(k)
+            continue
+        d = m.groupdict()
+        if ours:
+            mod = d["mod"] or d["rmod"]
+            part = d.get("part") or "experts"
+            target = Target(mod, -1 if part == "experts" else int(part), n_parts(mod))
+            kind = "lora_route" if d["rmod"] else d["kind"]
+            entry = groups.setdefault(target, {})
+            entry[{"lora_A": "A", "lora_B": "B", "alpha": "alpha", "lora_route": "route"}[kind]] = k
+            if part == "experts":
+                entry["moe"] = True
+            continue
+        target = diffusers_target(d["mod"])
+        if target is None:
+            unknown.append(k)
+            continue
+        entry = groups.setdefault(target, {})
+        if d["route"]:
+            entry["route"] = k
+        elif d["alpha"]:
+            entry["alpha"] = k
+        elif d["e"] is not None:
+            entry.setdefault("experts", {}).setdefault(int(d["e"]), {})[d["kind"][-1]] = k
+        else:
+            entry[d["kind"][-1]] = k
+    if unknown:
+        raise WeightsError(f"{ckpt.name}: {len(unknown)} key(s) are not LoRA weights of the FLUX transformer "
+                           f"(a LoRA for another base model, or for the text encoders?): {_listing(unknown)}")
+
+    def tensor(key: str, layer: LoRALinear) -> Tensor:
+        return ckpt.tensor(key).to(layer.weight.device, layer.weight.dtype)
+
+    loaded = {}
+    for target, entry in groups.items():
+        layer = lora_layer(model, target.module, target.n_parts)
+        alpha = float(ckpt.tensor(entry["alpha"]).item()) if "alpha" in entry else None
+        if "experts" in entry or entry.get("moe"):
+            if ours:
+                A, B = tensor(entry["A"], layer), tensor(entry["B"], layer)
+            else:
+                idx = sorted(entry["experts"])
+                if idx != list(range(len(idx))) or any(set(entry["experts"][i]) != {"A", "B"} for i in idx):
+                    problems.append(f"{target.module}: experts {idx} are incomplete (need lora_A and lora_B of 0..N-1)")
+                    continue
+                A = torch.stack([tensor(entry["experts"][i]["A"], layer) for i in idx])
+                B = torch.stack([tensor(entry["experts"][i]["B"], layer) for i in idx])
+            if "route" not in entry:
+                problems.append(f"{target.module}: LoRA experts without a lora_route")
+                continue
+            R = tensor(entry["route"], layer)
+            if (A.shape[2] != layer.in_features or B.shape[1] != layer.out_features or A.shape[1] != B.shape[2]
+                    or tuple(R.shape) != (A.shape[0], layer.in_features)):
+                problems.append(f"{target.module}: experts A {list(A.shape)}, B {list(B.shape)}, route "
+                                f"{list(R.shape)} do not fit a layer of {layer.in_features} -> {layer.out_features}")
+                continue
+            layer.set_experts(A, B, R, alpha)
+        else:
+            if set(entry) - {"alpha"} != {"A", "B"}:
+                problems.append(f"{target.module} part {target.part}: needs both lora_A and lora_B, has "
+                                f"{sorted(set(entry) - {'alpha'})}")
+                continue
+            A, B = tensor(entry["A"], layer), tensor(entry["B"], layer)
+            start, end = layer.rows[target.part]
+            if A.shape[1] != layer.in_features or B.shape[0] != end - start or A.shape[0] != B.shape[1]:
+                problems.append(f"{entry['A']}: A {list(A.shape)} and B {list(B.shape)} do not fit "
+                                f"{target.module} (rows {start}:{end} of {layer.in_features} inputs)")
+                continue
+            if target.swap:
+                B = swap_halves([B])
+            layer.add_part(target.part, A, B, alpha)
+        layer.scale = scale
+        loaded[target.module] = layer
+    if problems:
+        raise WeightsError(f"{ckpt.name} does not fit this model ({len(problems)} problem(s)): {_listing(problems, 3)}. "
+                           f"Is it a LoRA for FLUX.1 Fill [dev] (ICEdit)?")
+    return loaded
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every plain LoRA into its base weight (zero inference overhead). MoE layers route per
+    token and cannot be folded: they stay as they are."""
+    _fold(model, +1)
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Undo merge_lora (exact in float32; within one rounding of the weight dtype otherwise)."""
+    _fold(model, -1)
+
+
+@torch.no_grad()
+def _fold(model: nn.Module, sign: int) -> None:
+    for layer in lora_layers(model).values():
+        if layer.is_moe or layer.merged == (sign > 0):
+            continue
+        for p in layer.lora_A:
+            start, end = layer.rows[int(p)]
+            w = layer.weight[start:end]
+            w.copy_((w.float() + sign * layer.delta_weight(p)).to(w.dtype))
+        layer.merged = sign > 0
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The adapters in our format: `<module>.lora_A.<part>`, `.lora_B.<part>`, `.alpha.<part>`, `.lora_route`."""
+    out = {}
+    for name, layer in lora_layers(model).items():
+        for p in layer.lora_A:
+            out[f"{name}.lora_A.{p}"] = layer.lora_A[p].detach()
+            out[f"{name}.lora_B.{p}"] = layer.lora_B[p].detach()
+            r = layer.lora_A[p].shape[-2]
+            out[f"{name}.alpha.{p}"] = torch.tensor(layer.scales[p] * r)
+        if layer.is_moe:
+            out[f"{name}.lora_route"] = layer.lora_route.detach()
+    return out
+
+
+def official_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The adapters in the official diffusers/peft layout (alpha folded into B, so alpha = rank)."""
+    out = {}
+    for name, layer in lora_layers(model).items():
+        for p in layer.lora_A:
+            A, B = layer.lora_A[p].detach(), layer.lora_B[p].detach() * layer.scales[p]
+            if layer.is_moe:
+                base = "transformer." + diffusers_name(name, 0)
+                for e in range(A.shape[0]):
+                    out[f"{base}.lora_A.expert_{e}.weight"] = A[e].contiguous()
+                    out[f"{base}.lora_B.expert_{e}.weight"] = B[e].contiguous()
+                out[f"{base}.lora_route.weight"] = layer.lora_route.detach().contiguous()
+            else:
+                t = diffusers_target(diffusers_name(name, int(p)))
+                base = "transformer." + diffusers_name(name, int(p))
+                out[f"{base}.lora_A.weight"] = A.contiguous()
+                out[f"{base}.lora_B.weight"] = (swap_halves([B]) if t.swap else B).contiguous()
+    return out

@@ -1,0 +1,160 @@
+"""Rectified-flow sampling for FLUX Fill, shared by inference and training.
+
+    noise  [B, 16, H/8, W/8] (seeded CPU generator) --pack--> x [B, L, 64], L = (H/16)(W/16)
+    cond   masked image latent (64) + pixel mask 8x8-unshuffled (256) = img_cond [1, L, 320]
+    loop   v = flux(cat(x, img_cond), ids, txt, vec, t, guidance);  x <- x + (t_prev - t) v
+    x_t = (1 - t) x0 + t noise, so v ~ noise - x0, t = 1 is pure noise and x0 = x_t - t v.
+
+Nothing about latents is written twice: training uses the same noise, packing, ids and
+conditioning (`train/train.py`).
+"""
+
+import math
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+
+def get_noise(seeds: list[int], height: int, width: int, channels: int = 16) -> Tensor:
+    """One noise per seed, [len(seeds), 16, H/8, W/8] float32 (H and W are pixel sizes, multiples of 16).
+
+    Drawn on the CPU in float32 from `torch.Generator().manual_seed(seed)`, so a seed gives the same
+    image on any device and in any dtype. Candidate i of a batch is exactly the noise of its own seed.
+    """
+    shape = (1, channels, 2 * math.ceil(height / 16), 2 * math.ceil(width / 16))
+    return torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(s), dtype=torch.float32)
+                      for s in seeds])
+
+
+def pack(x: Tensor) -> Tensor:
+    """Latent image -> token sequence: [B, C, H, W] -> [B, (H/2)(W/2), 4C]."""
+    return rearrange(x, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)
+
+
+def unpack(x: Tensor, height: int, width: int) -> Tensor:
+    """Token sequence -> latent image: [B, L, 4C] -> [B, C, H/8, W/8] for pixel sizes H, W."""
+    return rearrange(x, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=math.ceil(height / 16),
+                     w=math.ceil(width / 16), ph=2, pw=2)
+
+
+def image_ids(batch: int, height: int, width: int, device=None) -> Tensor:
+    """Position ids (0, row, col) of the packed tokens, row-major like `pack`: [B, L, 3] float32."""
+    h, w = math.ceil(height / 16), math.ceil(width / 16)
+    ids = torch.zeros(h, w, 3, device=device)
+    ids[..., 1] = torch.arange(h, device=device)[:, None]
+    ids[..., 2] = torch.arange(w, device=device)[None, :]
+    return ids.reshape(1, h * w, 3).expand(batch, -1, -1)
+
+
+def pack_mask(mask: Tensor) -> Tensor:
+    """Pixel mask [B, 1, H, W] (1 = generate) -> [B, L, 256]: each 8x8 pixel block becomes 64
+    channels (index ph*8 + pw), then 2x2 packing like the latents. The mask is never resized."""
+    mask = rearrange(mask[:, 0], "b (h ph) (w pw) -> b (ph pw) h w", ph=8, pw=8)  # [B, 64, H/8, W/8]
+    return pack(mask)
+
+
+def fill_conditioning(vae, image: Tensor, mask: Tensor) -> Tensor:
+    """FLUX Fill's conditioning: cat(pack(vae.encode(image * (1 - mask))), pack_mask(mask)).
+
+    image [B, 3, H, W] in [-1, 1]; mask [B, 1, H, W] in {0, 1}, 1 where the model generates.
+    Returns img_cond [B, L, 320] in float32; the model input is cat(x [B, L, 64], img_cond).
+    """
+    masked = image * (1 - mask)  # the hole becomes 0: mid-gray
+    latent = vae.encode(masked.to(next(vae.parameters()).dtype)).float()  # [B, 16, H/8, W/8]
+    return torch.cat([pack(latent), pack_mask(mask.float().to(latent.device))], dim=-1)
+
+
+def time_shift(mu: float, sigma: float, t: Tensor) -> Tensor:
+    return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
+
+
+def get_lin_function(x1: float = 256, y1: float = 0.5, x2: float = 4096, y2: float = 1.15) -> Callable[[float], float]:
+    m = (y2 - y1) / (x2 - x1)
+    return lambda x: m * x + (y1 - m * x1)
+
+
+def get_schedule(num_steps: int, image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15,
+                 shift: bool = True) -> list[float]:
+    """num_steps + 1 sigmas from 1 to 0. FLUX's exponential time shift: mu goes linearly from
+    base_shift at 256 tokens to max_shift at 4096 (not clamped outside), and
+    sigma(t) = e^mu / (e^mu + 1/t - 1), which spends more steps at high noise for larger images."""
+    timesteps = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
+    if shift:
+        mu = get_lin_function(y1=base_shift, y2=max_shift)(image_seq_len)
+        timesteps[:-1] = time_shift(mu, 1.0, timesteps[:-1])  # t = 0 stays 0
+    return timesteps.tolist()
+
+
+@dataclass
+class Conditioning:
+    """Everything the model sees besides x and t, with batch 1 (shared by all candidates) or B."""
+
+    img_ids: Tensor  # [1|B, L, 3]
+    txt: Tensor  # [1|B, T, 4096]
+    txt_ids: Tensor  # [1|B, T, 3]
+    vec: Tensor  # [1|B, 768]
+    img_cond: Tensor | None = None  # [1|B, L, 320] for Fill; None for a plain text-to-image FLUX
+
+    def expand(self, batch: int) -> "Conditioning":
+        """Views with batch `batch`: the candidates share one copy of text and conditioning."""
+        def e(t):
+            return None if t is None else t.expand(batch, *t.shape[1:])
+        return Conditioning(e(self.img_ids), e(self.txt), e(self.txt_ids), e(self.vec), e(self.img_cond))
+
+
+@dataclass
+class DenoiseState:
+    """The sampler's state after `step` of the len(timesteps) - 1 Euler steps."""
+
+    x: Tensor  # [B, L, 64] float32, the latent at sigma = timesteps[step]
+    timesteps: list[float]
+    step: int = 0
+    x0: Tensor | None = None  # [B, L, 64] predicted clean latent x_t - t v of the last model call
+    nfe: int = 0  # function evaluations so far, counted per sample: a step of a batch of M counts M
+
+    @property
+    def done(self) -> bool:
+        return self.step == len(self.timesteps) - 1
+
+    def select(self, index: int | list[int]) -> "DenoiseState":
+        """The state of some candidates only, to resume them (e.g. the tournament's winner)."""
+        idx = [index] if isinstance(index, int) else index
+        return replace(self, x=self.x[idx], x0=None if self.x0 is None else self.x0[idx])
+
+
+@torch.no_grad()
+def denoise(model, state: DenoiseState, cond: Conditioning, guidance: float, stop: int | None = None,
+            callback: Callable[[DenoiseState], None] | None = None) -> DenoiseState:
+    """Euler steps from state.step up to `stop` (default: the end). Resuming the returned state
+    later continues exactly where it stopped.
+
+    The latent stays float32 between steps (an fp32 island; the model runs in its own dtype).
+    BFL does the update in bf16 and diffusers rounds the latent to bf16 after each step; float32
+    removes that drift and costs nothing next to the transformer.
+    """
+    stop = len(state.timesteps) - 1 if stop is None else stop
+    x, x0, B = state.x, state.x0, state.x.shape[0]
+    c = cond.expand(B)
+    dtype = next(model.parameters()).dtype
+    g = torch.full((B,), guidance, device=x.device)
+    for i in range(state.step, stop):
+        t_cur, t_prev = state.timesteps[i], state.timesteps[i + 1]
+        t = torch.full((B,), t_cur, device=x.device)
+        inp = x if c.img_cond is None else torch.cat([x, c.img_cond], dim=-1)
+        v = model(img=inp.to(dtype), img_ids=c.img_ids, txt=c.txt, txt_ids=c.txt_ids, timesteps=t, y=c.vec,
+                  guidance=g).float()
+        x0 = x - t_cur * v
+        x = x + (t_prev - t_cur) * v
+        state = replace(state, x=x, x0=x0, step=i + 1, nfe=state.nfe + B)
+        if callback is not None:
+            callback(state)
+    return state
+
+
+def noisy_sample(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+    """x_t = (1 - t) x0 + t noise, t [B] broadcast over [B, L, C]: the forward process for training."""
+    t = t.view(-1, *([1] * (x0.ndim - 1)))
+    return (1 - t) * x0 + t * noise
