@@ -48,7 +48,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(src: "str | Path | Image.Image") -> Image.Image:
+def load_image(src: "str | Path | Image.Image", min_side: int = MIN_SIDE) -> Image.Image:
     """Open and validate an input image; every failure is a FluxMinimalError naming the file."""
     name = "the image" if isinstance(src, Image.Image) else str(src)
     if isinstance(src, Image.Image):
@@ -68,8 +68,8 @@ def load_image(src: "str | Path | Image.Image") -> Image.Image:
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise FluxMinimalError(f"{path} is not a readable image ({type(e).__name__}: {e})") from None
     w, h = img.size
-    if min(w, h) < MIN_SIDE:
-        raise FluxMinimalError(f"{name} is {w}x{h}; both sides must be at least {MIN_SIDE} pixels")
+    if min(w, h) < min_side:
+        raise FluxMinimalError(f"{name} is {w}x{h}; both sides must be at least {min_side} pixels")
     return to_rgb(img)
 
 

@@ -223,9 +223,13 @@ def sources_of(key: str, rules: list[Rule]) -> tuple[list[str], Callable | None]
 
 
 def _combined_shape(shapes: list[tuple[int, ...]], combine) -> tuple[int, ...]:
-    if combine is cat_rows:
-        return (sum(s[0] for s in shapes), *shapes[0][1:])
-    return shapes[0]
+    if combine is None:
+        return shapes[0]
+    # Run the combine on meta tensors: any concatenation or reshape reports its true shape, no data read.
+    try:
+        return tuple(combine([torch.empty(s, device="meta") for s in shapes]).shape)
+    except RuntimeError:  # the sources do not even fit together: report all their shapes
+        return tuple(shapes)
 
 
 def _listing(keys: list[str], n: int = 5) -> str:

@@ -149,8 +149,8 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.is_moe:
-            return lora_moe_linear(x, self.weight, self.bias, self.lora_A["experts"], self.lora_B["experts"],
-                                   self.lora_route, scale=self.scale * self.scales["experts"])
+            A, B, R = (t.to(x.dtype) for t in (self.lora_A["experts"], self.lora_B["experts"], self.lora_route))
+            return lora_moe_linear(x, self.weight, self.bias, A, B, R, scale=self.scale * self.scales["experts"])
         y = F.linear(x, self.weight, self.bias)
         if self.merged or not self.lora_A:
             return y
@@ -187,6 +187,12 @@ def lora_layer(model: Flux, module: str, n_parts: int) -> LoRALinear:
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every adapter parameter (A, B, routers), in a fixed order."""
+    return [p for layer in lora_layers(model).values()
+            for p in [*layer.lora_A.values(), *layer.lora_B.values(), *([layer.lora_route] if layer.is_moe else [])]]
 
 
 # ---- creating adapters (training) ------------------------------------------------------------------

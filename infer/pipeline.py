@@ -1,0 +1,238 @@
+"""ICEdit: one source image + one instruction -> the edited image, on FLUX.1 Fill [dev].
+
+    pipe = ICEditPipeline.from_pretrained("FLUX.1-Fill-dev", device="cuda", lora="ICEdit-MoE-LoRA")
+    edited = pipe.edit("cat.png", "make the cat wear a red hat")      # a PIL image
+    print(pipe.last_report)                                           # timings, NFE, peak memory
+
+The path of one edit (each stage timed in `last_report["seconds"]`):
+    text    T5 + CLIP on the in-context prompt            -> txt [1, T, 4096], vec [1, 768]
+    encode  VAE of the masked diptych [src | gray]        -> img_cond [1, L, 320]
+    denoise Euler over the FLUX schedule, M candidates in one batch (early filter: infer/scaling.py)
+    decode  VAE decode, crop the right half               -> the edit
+"""
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from flux_minimal.errors import FluxMinimalError, WeightsError
+from flux_minimal.images import MIN_SIDE, fit_width, ic_prompt, load_image, make_diptych, right_half, right_half_mask, to_pil, to_tensor
+from flux_minimal.loading import WEIGHTS_HELP
+from flux_minimal.mmdit import Flux, load_flux, require_fill
+from flux_minimal.sampling import Conditioning, DenoiseState, denoise, fill_conditioning, get_noise, get_schedule, image_ids, pack, unpack
+from flux_minimal.text import PromptEncoder
+from flux_minimal.vae import load_vae
+from infer.offload import OFFLOAD_MODES, Visitor, block_budget, offload_dit
+
+
+
+@dataclass
+class EditJob:
+    """One prepared edit: the fitted source, its diptych and everything the sampler conditions on."""
+
+    source: Image.Image  # the fitted source, w x h
+    instruction: str
+    height: int  # diptych pixel size: h x 2w
+    width: int
+    cond: Conditioning
+
+    @property
+    def seq_len(self) -> int:
+        return (self.height // 16) * (self.width // 16)
+
+
+class Stopwatch:
+    """Seconds per named stage (CUDA work is synchronised before reading the clock)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds = device, {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        self._sync()
+        t0 = time.perf_counter()
+        yield
+        self._sync()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak GPU memory allocated by torch (CUDA), or this process's peak resident set (CPU)."""
+    if device.type == "cuda":
+        return {"gpu_peak_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return {"host_peak_gb": int(line.split()[1]) / 2**20}
+    except OSError:
+        pass
+    return {}
+
+
+class ICEditPipeline:
+    def __init__(self, flux: Flux, vae, text: PromptEncoder, device="cpu", offload: str = "none",
+                 files: str = ""):
+        if offload not in OFFLOAD_MODES:
+            raise FluxMinimalError(f"offload must be one of {OFFLOAD_MODES}, not {offload!r}")
+        self.flux, self.vae, self.text = flux, vae, text
+        self.device, self.offload, self.files = torch.device(device), offload, files
+        self.last_report: dict = {}
+        self._dit = self._text = None  # Visitors (infer/offload.py) when offloading
+        if offload != "none":
+            self._text = Visitor([text.t5, text.clip], self.device)
+            budget = float("inf") if offload == "model" else block_budget(self.device)
+            self._dit = offload_dit(flux, self.device, budget)
+
+    @classmethod
+    def from_pretrained(cls, path: "str | Path", device="cpu", dtype: torch.dtype | None = None,
+                        lora: "str | Path | None" = None, lora_scale: float = 1.0, offload: str = "none",
+                        max_length: int = 512) -> "ICEditPipeline":
+        """Load a FLUX.1-Fill-dev snapshot folder: diffusers layout (transformer/, vae/, text_encoder/,
+        text_encoder_2/, tokenizer/, tokenizer_2/) or the BFL files flux1-fill-dev.safetensors and
+        ae.safetensors beside the text folders. dtype=None: bfloat16 on CUDA, float32 on the CPU.
+        offload: "none", "model" or "blocks" (infer/offload.py: one big model on the GPU at a time,
+        and optionally streamed DiT blocks).
+        """
+        root, device = Path(path), torch.device(device)
+        if not root.is_dir():
+            raise WeightsError(f"{root}: no such weights folder. {WEIGHTS_HELP}")
+        if offload not in OFFLOAD_MODES:
+            raise FluxMinimalError(f"offload must be one of {OFFLOAD_MODES}, not {offload!r}")
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        stay = device if offload == "none" else "cpu"  # offloaded weights stay in host memory
+        flux = load_flux(root, device=stay, dtype=dtype)
+        require_fill(flux, root)
+        if lora is not None:
+            from flux_minimal.lora import load_lora
+            load_lora(flux, lora, scale=lora_scale)
+        # The VAE is small (84M parameters): float32 everywhere for clean decodes.
+        vae = load_vae(root, device=device, dtype=torch.float32)
+        text = PromptEncoder.from_pretrained(root, device=stay, dtype=dtype, max_length=max_length)
+        files = f"{root.name}" + (f" + LoRA {Path(lora).name} x{lora_scale}" if lora else "")
+        return cls(flux, vae, text, device=device, offload=offload, files=files)
+
+    # ---- the stages ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+        if self._text is None:
+            return self.text.encode_prompt(prompts, device=self.device)
+        self._dit.leave()  # one big model on the GPU at a time
+        self._text.arrive()
+        try:
+            return self.text.encode_prompt(prompts, device=self.device)
+        finally:
+            self._text.leave()
+            self._dit.arrive()
+
+    @torch.no_grad()
+    def prepare(self, image, instruction: str, width: int = 512, watch: Stopwatch | None = None,
+                min_side: int = MIN_SIDE) -> EditJob:
+        """Fit the source, build the diptych and mask, encode the prompt and the masked diptych."""
+        watch = watch or Stopwatch(self.device)
+        source = fit_width(load_image(image, min_side), width)
+        prompt = ic_prompt(instruction)
+        diptych = make_diptych(source)
+        W, H = diptych.size
+        with watch("text"):
+            txt, txt_ids, vec = self.encode_text([prompt])
+        with watch("encode"):
+            img_cond = fill_conditioning(self.vae, to_tensor(diptych).to(self.device),
+                                         right_half_mask(H, W).to(self.device))
+        cond = Conditioning(image_ids(1, H, W, self.device), txt, txt_ids, vec, img_cond)
+        return EditJob(source, instruction, H, W, cond)
+
+    @torch.no_grad()
+    def sample(self, job: EditJob, state: DenoiseState, guidance: float, stop: int | None = None,
+               desc: str = "denoise", progress: bool = True) -> DenoiseState:
+        if self._dit is not None:
+            self._dit.arrive()
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            total = (stop if stop is not None else len(state.timesteps) - 1) - state.step
+            bar = tqdm(total=total, desc=desc, unit="step", leave=False)
+        try:
+            return denoise(self.flux, state, job.cond, guidance, stop=stop,
+                           callback=(lambda s: bar.update(1)) if bar else None)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    @torch.no_grad()
+    def decode(self, x: Tensor, job: EditJob) -> list[Image.Image]:
+        """Packed latents [B, L, 64] -> the right halves of the decoded diptychs."""
+        z = unpack(x.float(), job.height, job.width)
+        return [right_half(to_pil(self.vae.decode(z[i:i + 1]))) for i in range(z.shape[0])]
+
+    def initial_state(self, job: EditJob, seeds: list[int], steps: int, latents: Tensor | None = None) -> DenoiseState:
+        if latents is not None:
+            want = (1, 16, job.height // 8, job.width // 8)
+            if tuple(latents.shape) != want:
+                raise FluxMinimalError(f"latents must have shape {list(want)} for this {job.width}x{job.height} "
+                                       f"diptych, not {list(latents.shape)}")
+            noise = latents.float().cpu()
+        else:
+            noise = get_noise(seeds, job.height, job.width)
+        return DenoiseState(pack(noise).to(self.device), get_schedule(steps, job.seq_len))
+
+    # ---- the API ------------------------------------------------------------------------------------
+
+    def edit(self, image, instruction: str, *, width: int = 512, steps: int = 28, guidance: float = 50.0,
+             seed: int = 42, latents: Tensor | None = None, candidates: int = 1, early_steps: int = 10,
+             preview: str = "short", judge=None, save_candidates: "str | Path | None" = None,
+             progress: bool = True, min_side: int = MIN_SIDE) -> Image.Image:
+        """Edit `image` (a path or a PIL image) as `instruction` says; returns the edited PIL image.
+
+        candidates > 1 turns on early-filter scaling (infer/scaling.py): `candidates` noises are
+        denoised `early_steps` steps in one batch, `judge` picks the best preview, the winner is
+        finished. `last_report` holds the stage timings, NFE, peak memory and the tournament.
+        Inputs with a side under `min_side` (64) pixels are refused.
+        """
+        if steps < 1:
+            raise FluxMinimalError(f"steps must be >= 1, not {steps}")
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        watch = Stopwatch(self.device)
+        t0 = time.perf_counter()
+        job = self.prepare(image, instruction, width, watch, min_side)
+        report = {"instruction": instruction, "seed": seed, "steps": steps, "guidance": guidance,
+                  "size": f"{job.width // 2}x{job.height}", "files": self.files}
+        if candidates > 1:
+            from infer.scaling import early_filter
+            state, scaling = early_filter(self, job, seed=seed, steps=steps, guidance=guidance,
+                                          candidates=candidates, early_steps=early_steps, preview=preview,
+                                          judge=judge, watch=watch, save_candidates=save_candidates,
+                                          progress=progress)
+            report.update(scaling)
+        else:
+            state = self.initial_state(job, [seed], steps, latents)
+            with watch("denoise"):
+                state = self.sample(job, state, guidance, progress=progress)
+        with watch("decode"):
+            out = self.decode(state.x, job)[0]
+        report.update(nfe=state.nfe if candidates == 1 else report["nfe"], seconds=watch.seconds,
+                      total_seconds=time.perf_counter() - t0, it_per_s=steps / max(watch.seconds["denoise"], 1e-9),
+                      **peak_memory(self.device))
+        self.last_report = report
+        return out
+
+    def edit_turns(self, image, instructions: list[str], **kwargs) -> list[Image.Image]:
+        """Multi-turn editing: each instruction edits the previous turn's result; returns every turn."""
+        results, reports, current = [], [], image
+        for k, instruction in enumerate(instructions):
+            # our own results are accepted at any size the first turn produced
+            current = self.edit(current, instruction, **kwargs, **({"min_side": 16} if k else {}))
+            results.append(current)
+            reports.append(self.last_report)
+        self.last_report = {"turns": reports}
+        return results
