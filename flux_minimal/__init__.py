@@ -3,3 +3,8 @@
 from .config import PRESETS, AutoEncoderParams, CLIPConfig, FluxParams, Preset, T5Config
 from .errors import FluxMinimalError, WeightsError
 from .mmdit import Flux, load_flux, require_fill
+from .vae import AutoEncoder, load_vae
+from .clip import CLIPTextModel, load_clip
+from .t5 import T5EncoderModel, load_t5
+from .text import PromptEncoder
+from .tokenizers import CLIPTokenizer, T5Tokenizer

@@ -52,7 +52,9 @@ class AutoEncoderParams:
     z_channels: int = 16
     scale_factor: float = 0.3611
     shift_factor: float = 0.1159
-    num_groups: int = 32  # GroupNorm groups; 32 in FLUX, smaller in tiny presets
+    # GroupNorm groups. BFL's code fixes 32 (so an ae.safetensors always means 32); only a diffusers
+    # config.json (norm_num_groups) can say otherwise.
+    num_groups: int = 32
 
     def __post_init__(self):
         self.ch_mult = tuple(self.ch_mult)
@@ -73,6 +75,7 @@ class T5Config:
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "gated-gelu"  # T5 v1.1: wo(gelu_new(wi_0 x) * wi_1 x); the only one we build
 
 
 @dataclass
@@ -84,7 +87,10 @@ class CLIPConfig:
     num_attention_heads: int = 12
     max_position_embeddings: int = 77
     layer_norm_eps: float = 1e-5
-    eos_token_id: int = 49407  # pooling reads the hidden state at the first occurrence of this id
+    hidden_act: str = "quick_gelu"  # x * sigmoid(1.702 x); "gelu" (erf) is accepted too
+    # Pooling reads the hidden state at the first occurrence of this id. FLUX's config.json still
+    # says 2 (openai's legacy value), which means "the position of the largest id" (= first EOS).
+    eos_token_id: int = 49407
 
 
 def from_hf_config(cls, cfg: dict):
@@ -109,10 +115,14 @@ def _tiny_flux(in_channels: int) -> FluxParams:
                       num_heads=2, depth=2, depth_single_blocks=2, axes_dim=(4, 14, 14))
 
 
-_TINY_AE = AutoEncoderParams(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, num_groups=8)
-_TINY_T5 = T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4)
-_TINY_CLIP = CLIPConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=2, max_position_embeddings=77, eos_token_id=127)
+# 32 groups, as in every BFL-format VAE, so the tiny VAE round-trips through an ae.safetensors too.
+_TINY_AE = AutoEncoderParams(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, num_groups=32)
+# Text vocabularies sized for the tiny tokenizers of tests/text_fixtures.py: T5 = a 128-piece
+# sentencepiece model + 100 sentinels (228 ids, padded to 256 as 32100 is to 32128); CLIP = 512 byte
+# symbols + 254 merges + the two specials (768 ids, <|endoftext|> last, as in the real 49408).
+_TINY_T5 = T5Config(vocab_size=256, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4)
+_TINY_CLIP = CLIPConfig(vocab_size=768, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, max_position_embeddings=77, eos_token_id=767)
 
 PRESETS: dict[str, Preset] = {
     "flux-fill-dev": Preset(FluxParams(in_channels=384)),

@@ -154,15 +154,18 @@ class LoRALinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if self.merged or not self.lora_A:
             return y
-        parts = list(self.lora_A)
+        parts = sorted(self.lora_A, key=lambda p: self.rows[int(p)][0])
         h = F.linear(x, torch.cat([self.lora_A[p] for p in parts]).to(x.dtype))  # [..., sum of ranks]
-        r0 = 0
-        for p in parts:  # in place is safe: the base matmul's backward does not need y
-            r = self.lora_A[p].shape[0]
-            start, end = self.rows[int(p)]
-            y[..., start:end] += (self.scale * self.scales[p]) * F.linear(h[..., r0:r0 + r], self.lora_B[p].to(x.dtype))
-            r0 += r
-        return y
+        pieces, r0, at = [], 0, 0  # the update [..., out]: each part's rows, zeros where none
+        for p in parts:
+            r, (start, end) = self.lora_A[p].shape[0], self.rows[int(p)]
+            if start > at:
+                pieces.append(y.new_zeros(*y.shape[:-1], start - at))
+            pieces.append((self.scale * self.scales[p]) * F.linear(h[..., r0:r0 + r], self.lora_B[p].to(x.dtype)))
+            r0, at = r0 + r, end
+        if at < self.out_features:
+            pieces.append(y.new_zeros(*y.shape[:-1], self.out_features - at))
+        return y + torch.cat(pieces, dim=-1)
 
 
 def _get(model: nn.Module, name: str) -> nn.Module:

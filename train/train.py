@@ -1,0 +1,304 @@
+"""Fine-tune ICEdit adapters (LoRA or LoRA-MoE) on FLUX.1 Fill with the flow-matching loss.
+
+    # one GPU, the paper's MoE recipe (batch 1 x accumulation 2, Prodigy, bf16 base)
+    .venv/bin/python -m train.train --weights FLUX.1-Fill-dev --data MagicBrush/ OmniEdit/ \
+        --adapter moe --steps 42000 --batch 1 --grad-accum 2 --out runs/moe
+
+    # 4 GPUs: DDP over the adapter parameters (the global batch is 4x)
+    torchrun --nproc_per_node 4 -m train.train --weights FLUX.1-Fill-dev --data pairs/ --adapter lora \
+        --batch 2 --grad-checkpointing --steps 42000 --out runs/lora
+
+    # continue a run exactly where it stopped (adapter, optimizer, data position)
+    ... --resume runs/moe
+
+The objective, exactly ICEdit's (icedit_facts.md): x0 = the VAE latent of [source | target],
+t = sigmoid(randn), x_t = (1 - t) x0 + t eps, the model sees cat(x_t, masked latent, mask) with
+guidance 1, and the loss is MSE(v, eps - x0) over the whole diptych latent. Noise, packing, ids
+and conditioning are flux_minimal.sampling's, as at inference.
+
+Every sample's randomness (prompt drop, t, eps) is drawn from (seed, sample number), so a run
+split over N processes, or killed and resumed, sees exactly the same samples.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from flux_minimal.errors import FluxMinimalError
+from flux_minimal.images import make_diptych, right_half_mask, save_png, to_pil
+from flux_minimal.lora import add_lora, load_lora, lora_parameters, lora_state_dict, official_state_dict
+from flux_minimal.mmdit import load_flux, require_fill
+from flux_minimal.sampling import fill_conditioning, image_ids, noisy_sample, pack
+from flux_minimal.text import PromptEncoder
+from flux_minimal.vae import load_vae
+from train.checkpoint import load_checkpoint, save_checkpoint, save_safetensors
+from train.data import EditPairs
+
+T_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m train.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--weights", type=Path, required=True, help="FLUX.1-Fill-dev snapshot folder (weights.md)")
+    ap.add_argument("--data", type=Path, nargs="+", required=True, help="pairs folders / .jsonl / .parquet")
+    ap.add_argument("--adapter", choices=["lora", "moe"], default="lora")
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--alpha", type=float, default=None, help="default: = rank (scale 1)")
+    ap.add_argument("--experts", type=int, default=4, help="LoRA experts per MoE layer (--adapter moe)")
+    ap.add_argument("--init-lora", type=Path, help="start from an existing adapter file (ours or official)")
+    ap.add_argument("--steps", type=int, required=True, help="optimizer steps in total (a resume continues to it)")
+    ap.add_argument("--batch", type=int, default=1, help="pairs per process per micro-step")
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--resolution", type=int, default=512, help="each image is resized to R x R")
+    ap.add_argument("--optimizer", choices=["prodigy", "adamw"], default="prodigy")
+    ap.add_argument("--lr", type=float, default=None, help="default: 1.0 for Prodigy, 1e-4 for AdamW")
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--clip-grad", type=float, default=0.5)
+    ap.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
+    ap.add_argument("--cache", action="store_true", help="keep text embeddings and latents in memory (small datasets)")
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], help="frozen base dtype (default bf16 on CUDA)")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--resume", type=Path, help="a run folder (its `latest`) or a step_* checkpoint")
+    ap.add_argument("--save-every", type=int, default=1000)
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--preview-every", type=int, default=0, help="save a preview edit every N steps (0: never)")
+    ap.add_argument("--preview-steps", type=int, default=28)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-length", type=int, default=512, help="T5 tokens")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap.parse_args(argv)
+
+
+def sample_generator(seed: int, g: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + g) % 2**63)
+
+
+def make_optimizer(args, params: list[Tensor]) -> torch.optim.Optimizer:
+    if args.optimizer == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise FluxMinimalError("--optimizer prodigy needs the prodigyopt package: pip install prodigyopt "
+                                   "(or pass --optimizer adamw)") from None
+        # the paper's settings: lr 1, bias correction, safeguard warmup, decoupled weight decay 0.01
+        return Prodigy(params, lr=args.lr or 1.0, use_bias_correction=True, safeguard_warmup=True,
+                       weight_decay=args.weight_decay)
+    return torch.optim.AdamW(params, lr=args.lr or 1e-4, weight_decay=args.weight_decay)
+
+
+class Batcher:
+    """Turns sample numbers into model inputs; with --cache, prompts and latents are kept in memory."""
+
+    def __init__(self, data: EditPairs, text: PromptEncoder, vae, device, dtype, seed: int, cache: bool):
+        self.data, self.text, self.vae, self.device, self.dtype = data, text, vae, device, dtype
+        self.seed, self.cache = seed, cache
+        self.prompts: dict[str, tuple[Tensor, Tensor]] = {}  # prompt -> (txt [T, d], vec [d])
+        self.latents: dict[int, tuple[Tensor, Tensor]] = {}  # pair -> (x0 [L, 64], img_cond [L, 320])
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        todo = [p for p in dict.fromkeys(prompts) if p not in self.prompts]
+        if todo:
+            txt, _, vec = self.text.encode_prompt(todo, device=self.device)
+            fresh = {p: (txt[i], vec[i]) for i, p in enumerate(todo)}
+        else:
+            fresh = {}
+        got = [self.prompts.get(p) or fresh[p] for p in prompts]
+        if self.cache:
+            self.prompts.update(fresh)
+        return torch.stack([t for t, _ in got]), torch.stack([v for _, v in got])
+
+    @torch.no_grad()
+    def encode_images(self, pairs: list[int], diptychs: list[Tensor | None]) -> tuple[Tensor, Tensor]:
+        todo = [(i, d) for i, d in zip(pairs, diptychs) if i not in self.latents]
+        fresh = {}
+        if todo:
+            x = torch.stack([d for _, d in todo]).to(self.device)  # [n, 3, R, 2R]
+            H, W = x.shape[-2:]
+            mask = right_half_mask(H, W).to(self.device).expand(len(todo), -1, -1, -1)
+            x0 = pack(self.vae.encode(x).float())  # [n, L, 64]
+            cond = fill_conditioning(self.vae, x, mask)  # [n, L, 320]
+            fresh = {i: (x0[k], cond[k]) for k, (i, _) in enumerate(todo)}
+        got = [self.latents.get(i) or fresh[i] for i in pairs]
+        if self.cache:
+            self.latents.update(fresh)
+        return torch.stack([a for a, _ in got]), torch.stack([c for _, c in got])
+
+    def batch(self, g0: int, n: int) -> dict | None:
+        """Samples g0 .. g0+n-1; the unreadable ones are skipped (they count as zero loss)."""
+        rows = [(g, s) for g in range(g0, g0 + n) if (s := self.data.sample(g, self.seed, images=True)) is not None]
+        if not rows:
+            return None
+        gs = [g for g, _ in rows]
+        pairs, diptychs, prompts = zip(*[s for _, s in rows])
+        txt, vec = self.encode_prompts(list(prompts))
+        x0, cond = self.encode_images(list(pairs), list(diptychs))
+        gens = [sample_generator(self.seed, g) for g in gs]
+        t = torch.sigmoid(torch.cat([torch.randn(1, generator=gen) for gen in gens]))  # logit-normal t
+        eps = torch.stack([torch.randn(x0.shape[1:], generator=gen) for gen in gens])
+        return dict(x0=x0, cond=cond, txt=txt, vec=vec, t=t.to(self.device), eps=eps.to(self.device))
+
+
+def flow_loss(model, b: dict, R: int, nominal: int, dtype) -> tuple[Tensor, Tensor]:
+    """ICEdit's loss for one micro-batch: sum over its samples / the nominal batch size (so a
+    skipped sample counts as zero and N processes average to exactly the single-process loss).
+    Returns (loss, per-sample MSE)."""
+    B = b["x0"].shape[0]
+    x_t = noisy_sample(b["x0"], b["eps"], b["t"])
+    txt_ids = torch.zeros(B, b["txt"].shape[1], 3, device=x_t.device)
+    v = model(img=torch.cat([x_t, b["cond"]], dim=-1).to(dtype), img_ids=image_ids(B, R, 2 * R, x_t.device),
+              txt=b["txt"], txt_ids=txt_ids, timesteps=b["t"], y=b["vec"],
+              guidance=torch.ones(B, device=x_t.device))  # guidance 1 in training
+    per_sample = (v.float() - (b["eps"] - b["x0"])).square().mean(dim=(1, 2))
+    return per_sample.sum() / nominal, per_sample.detach()
+
+
+@torch.no_grad()
+def preview(flux, vae, text, data: EditPairs, R: int, steps: int, path: Path, device) -> None:
+    """[source | edit | target] of the first pair, sampled with the inference code."""
+    from infer.pipeline import ICEditPipeline
+    diptych = data.diptych(0)
+    src, tgt = to_pil(diptych[:, :, :R]), to_pil(diptych[:, :, R:])
+    was_training = flux.training
+    flux.eval()
+    pipe = ICEditPipeline(flux, vae, text, device=device)
+    instruction = data.records[0][1].get("instruction") or data.records[0][1]["edited_prompt_list"][0]
+    edit = pipe.edit(src, instruction, width=R, steps=steps, guidance=50.0, seed=0, progress=False)
+    flux.train(was_training)
+    save_png(make_diptych(make_diptych(src, edit), make_diptych(tgt, tgt)).crop((0, 0, 3 * R, R)), path,
+             {"instruction": instruction})
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    # ---- processes and devices
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    main_proc = rank == 0
+    torch.manual_seed(args.seed)
+
+    # ---- the frozen base, and the adapter (fp32 master weights)
+    flux = load_flux(args.weights, device=device, dtype=dtype)
+    require_fill(flux, args.weights)
+    flux.requires_grad_(False)
+    vae = load_vae(args.weights, device=device, dtype=torch.float32)
+    text = PromptEncoder.from_pretrained(args.weights, device=device, dtype=dtype, max_length=args.max_length)
+    add_lora(flux, rank=args.rank, alpha=args.alpha, experts=args.experts if args.adapter == "moe" else 0,
+             seed=args.seed)
+    if args.init_lora:  # e.g. continue from a released adapter (ICEdit issue #40)
+        load_lora(flux, args.init_lora)
+    params = lora_parameters(flux)
+    for p in params:  # fp32 master weights, whatever the base dtype
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    flux.gradient_checkpointing = args.grad_checkpointing
+    flux.train()
+    optimizer = make_optimizer(args, params)
+    n_train = sum(p.numel() for p in params)
+
+    step, samples_per_step = 0, args.batch * args.grad_accum * world
+    if args.resume:
+        adapter, opt_state, state = load_checkpoint(args.resume)
+        names = lora_state_dict(flux)
+        with torch.no_grad():
+            for k, v in adapter.items():
+                if k in names and not k.rsplit(".", 2)[-2] == "alpha":
+                    names[k].copy_(v)
+        optimizer.load_state_dict(opt_state)
+        step = state["step"]
+        if state["samples_per_step"] != samples_per_step:
+            raise FluxMinimalError(f"{args.resume} was trained with {state['samples_per_step']} samples per step; "
+                                   f"this run has {samples_per_step} (batch x grad-accum x processes): keep them equal")
+    model = flux
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(flux, device_ids=[device.index] if device.type == "cuda" else None)
+
+    data = EditPairs(args.data, resolution=args.resolution)
+    batcher = Batcher(data, text, vae, device, dtype, args.seed, args.cache)
+    R = args.resolution
+    if main_proc:
+        print(f"{len(data)} pairs, {n_train / 1e6:.2f}M trainable parameters ({args.adapter}, rank {args.rank}), "
+              f"{world} process(es), {samples_per_step} samples/step, base {dtype}, start at step {step}")
+        args.out.mkdir(parents=True, exist_ok=True)
+    bar = None
+    if main_proc and not args.no_progress:
+        from tqdm import tqdm
+        bar = tqdm(total=args.steps, initial=step, unit="step")
+
+    bins, t0, log_t0 = defaultdict(list), time.perf_counter(), time.perf_counter()
+    while step < args.steps:
+        for a in range(args.grad_accum):
+            g0 = ((step * args.grad_accum + a) * world + rank) * args.batch  # this micro-batch's samples
+            b = batcher.batch(g0, args.batch)
+            if b is None:  # every sample unreadable: a zero loss that still takes part in DDP
+                loss = sum(p.sum() for p in params) * 0.0
+            else:
+                loss, per = flow_loss(model, b, R, args.batch, dtype)
+                for t, l in zip(b["t"].tolist(), per.tolist()):
+                    bins[min(int(t * 4), 3)].append(l)
+            (loss / args.grad_accum).backward()
+        torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if bar is not None:
+            bar.update(1)
+
+        if main_proc and (step % args.log_every == 0 or step == args.steps):
+            all_l = [l for v in bins.values() for l in v]
+            dt = time.perf_counter() - log_t0
+            rec = {"step": step, "loss": sum(all_l) / max(len(all_l), 1),
+                   "loss_by_t": {f"{T_BINS[k]:.2f}-{T_BINS[k + 1]:.2f}": sum(v) / len(v) for k, v in sorted(bins.items())},
+                   "samples_per_s": samples_per_step * args.log_every / max(dt, 1e-9), "skipped": sum(data.skipped.values())}
+            if device.type == "cuda":
+                rec["gpu_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            with open(args.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            msg = f"step {step}: loss {rec['loss']:.4f}, " + ", ".join(f"t {k} {v:.4f}" for k, v in rec["loss_by_t"].items())
+            (bar.write if bar else print)(msg)
+            bins, log_t0 = defaultdict(list), time.perf_counter()
+        if main_proc and (step % args.save_every == 0 or step == args.steps):
+            save_checkpoint(args.out, step, lora_state_dict(flux), optimizer,
+                            {"samples_per_step": samples_per_step, "args": {k: str(v) for k, v in vars(args).items()}})
+        if main_proc and args.preview_every and step % args.preview_every == 0:
+            preview(flux, vae, text, data, R, args.preview_steps, args.out / f"preview_{step:07d}.png", device)
+        if world > 1:
+            dist.barrier()
+
+    if main_proc:
+        if bar is not None:
+            bar.close()
+        save_safetensors(lora_state_dict(flux), args.out / "adapter.safetensors")
+        save_safetensors(official_state_dict(flux), args.out / "pytorch_lora_weights.safetensors")
+        if data.skipped:
+            print(f"skipped {sum(data.skipped.values())} unreadable sample(s): {dict(data.skipped.most_common(5))}")
+        print(f"done: {step} steps in {time.perf_counter() - t0:.1f}s; adapter: {args.out / 'adapter.safetensors'}, "
+              f"official format: {args.out / 'pytorch_lora_weights.safetensors'}")
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except FluxMinimalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
