@@ -25,11 +25,11 @@ MIN_SIDE = 64  # smaller inputs carry too little to edit; FLUX works on 16-pixel
 MAX_PIXELS = 64_000_000  # larger files are refused before decoding (decompression-bomb guard)
 
 
-def ic_prompt(instruction: str) -> str:
+def ic_prompt(instruction: str, template: str = IC_PROMPT) -> str:
     instruction = " ".join(instruction.split())
     if not instruction:
         raise FluxMinimalError("the instruction is empty: say what to change, e.g. \"make the sky purple\"")
-    return IC_PROMPT.format(instruction=instruction)
+    return template.format(instruction=instruction)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

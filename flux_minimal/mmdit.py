@@ -335,9 +335,10 @@ def find_flux(path: str | Path) -> tuple[Checkpoint, FluxParams, list[Rule]]:
     path = Path(path)
     if path.is_dir() and (path / "transformer").is_dir():  # a Hugging Face snapshot root
         path = path / "transformer"
-    if path.is_dir():
-        bfl = [path / n for n in BFL_NAMES if (path / n).is_file()]
-        if bfl:  # a snapshot root with the BFL single file beside the folders
+    if path.is_dir():  # a snapshot root with a BFL single file beside the folders (Fill first)
+        bfl = [path / n for n in BFL_NAMES if (path / n).is_file()] or \
+              sorted(path.glob("flux1-*.safetensors"), key=lambda f: ("fill" not in f.name, f.name))
+        if bfl:
             path = bfl[0]
     if path.is_dir():
         ckpt = open_checkpoint(path, DIFFUSERS_SINGLE, DIFFUSERS_INDEX)

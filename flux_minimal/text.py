@@ -10,6 +10,7 @@ pipeline uses 512, BFL's `cli_fill.py` 128 (flux_facts.md section 0, item 5).
 """
 
 import gc
+import json
 from pathlib import Path
 
 import torch
@@ -48,10 +49,11 @@ class PromptEncoder:
 
     @classmethod
     def from_pretrained(cls, root: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                        max_length: int = 512) -> "PromptEncoder":
+                        max_length: int | None = None) -> "PromptEncoder":
         """Load from a FLUX snapshot root holding text_encoder/ (CLIP), text_encoder_2/ (T5),
         tokenizer/ (vocab.json, merges.txt) and tokenizer_2/ (spiece.model). dtype=None keeps the
-        files' dtypes (bfloat16 in FLUX's); max_length is T5's padded length (CLIP's is 77)."""
+        files' dtypes (bfloat16 in FLUX's); max_length is T5's padded length (CLIP's is 77): by
+        default tokenizer_2/tokenizer_config.json's model_max_length, else 512 (FLUX's)."""
         root = Path(root)
         if not root.is_dir():
             raise WeightsError(f"{root}: no such folder (expected a FLUX snapshot with the text folders "
@@ -60,6 +62,10 @@ class PromptEncoder:
         if missing:
             raise WeightsError(f"{root} lacks the text folder(s) {'; '.join(missing)}. A FLUX.1-Fill-dev snapshot "
                                f"has them all. {WEIGHTS_HELP}")
+        if max_length is None:  # T5 attends to its pads, so the padded length is part of the model
+            cfg = root / "tokenizer_2" / "tokenizer_config.json"
+            max_length = (json.loads(cfg.read_text()).get("model_max_length") if cfg.is_file() else None) or 512
+            max_length = 512 if max_length > 100_000 else int(max_length)  # transformers' "no limit" marker
         t5_tokenizer = T5Tokenizer(root / "tokenizer_2" / "spiece.model", max_length=max_length)
         clip = load_clip(root / "text_encoder", device=device, dtype=dtype)
         clip_tokenizer = CLIPTokenizer(root / "tokenizer" / "vocab.json", root / "tokenizer" / "merges.txt",

@@ -110,6 +110,19 @@ def bytes_to_unicode() -> dict[int, str]:
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
 
 
+def merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+    """Merge every occurrence of `pair` in `symbols`, left to right (one BPE step)."""
+    merged, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            merged.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            merged.append(symbols[i])
+            i += 1
+    return merged
+
+
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
 # CLIP's pre-tokenizer: the specials, contractions, letter runs, single digits, other non-space runs.
 CLIP_PATTERN = regex.compile(
@@ -166,15 +179,7 @@ class CLIPTokenizer:
             best = min(pairs, key=lambda p: self.bpe_ranks.get(p, float("inf")))
             if best not in self.bpe_ranks:
                 break
-            merged, i = [], 0  # merge every occurrence of `best`, left to right
-            while i < len(symbols):
-                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
-                    merged.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
+            symbols = merge_pair(symbols, best)
         ids = [self.encoder.get(s, self.unk_id) for s in symbols]
         if len(self.cache) < 100_000:  # bounded: a long-running server sees unbounded text
             self.cache[word] = ids

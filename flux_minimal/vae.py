@@ -10,6 +10,8 @@ linearly (approximate, since GroupNorm and the mid-block attention then see one 
 image; tests/test_vae.py measures the error). Exact maths in ../shared/flux_facts.md section 4.
 """
 
+import json
+from dataclasses import asdict
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable
@@ -318,6 +320,7 @@ def vae_from_diffusers(levels: int = 4) -> list[Rule]:
 VAE_FROM_DIFFUSERS = vae_from_diffusers(4)  # the FLUX VAE's four levels
 
 AE_NAMES = ("ae.safetensors",)
+CONFIG_KEY = "flux_minimal.config"  # safetensors metadata of files we write: the full configuration
 DIFFUSERS_SINGLE = ("diffusion_pytorch_model.safetensors",)
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 DIFFUSERS_PROBE = "encoder.down_blocks.0.resnets.0.conv1.weight"  # a key only a diffusers VAE has
@@ -336,8 +339,12 @@ def _require_vae(ckpt: Checkpoint, probe: str) -> None:
 
 def ae_params_from_bfl(ckpt: Checkpoint) -> AutoEncoderParams:
     """Infer the configuration of an ae.safetensors from its shapes. GroupNorm is 32 groups (fixed in
-    BFL's code); scale and shift are FLUX's, as the file does not hold them."""
+    BFL's code); scale and shift are FLUX's, as the file does not hold them. A file we wrote ourselves
+    (`save_vae`) carries its whole configuration in the safetensors metadata, which wins."""
     _require_vae(ckpt, "encoder.conv_in.weight")
+    meta = ckpt.files[0].metadata.get(CONFIG_KEY)
+    if meta:
+        return AutoEncoderParams(**json.loads(meta))
     keys = ckpt.keys()
     ch, in_channels = ckpt.shape("encoder.conv_in.weight")[:2]
     levels = count_blocks(keys, "encoder.down")
@@ -388,6 +395,13 @@ def find_vae(path: str | Path) -> tuple[Checkpoint, AutoEncoderParams, list[Rule
     params = ae_params_from_diffusers(cfg, folder)
     _require_vae(ckpt, DIFFUSERS_PROBE)
     return ckpt, params, vae_from_diffusers(len(params.ch_mult))
+
+
+def save_vae(vae: AutoEncoder, path: str | Path) -> None:
+    """Write an ae.safetensors (BFL names) with the configuration in its metadata."""
+    from safetensors.torch import save_file
+    meta = {CONFIG_KEY: json.dumps(asdict(vae.params))}
+    save_file({k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}, str(path), metadata=meta)
 
 
 def load_vae(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> AutoEncoder:

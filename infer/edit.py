@@ -21,12 +21,11 @@ line, without a traceback, and the exit status is 2. Outputs are written atomica
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import torch
 
-from flux_minimal.errors import FluxMinimalError
+from flux_minimal.errors import FluxMinimalError, run_cli
 from flux_minimal.images import save_png
 
 REPO = Path(__file__).resolve().parent.parent
@@ -121,11 +120,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except FluxMinimalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_cli(main)

@@ -21,10 +21,12 @@ from PIL import Image
 from torch import Tensor
 
 from flux_minimal.errors import FluxMinimalError, WeightsError
-from flux_minimal.images import MIN_SIDE, fit_width, ic_prompt, load_image, make_diptych, right_half, right_half_mask, to_pil, to_tensor
+from flux_minimal.images import (IC_PROMPT, MIN_SIDE, fit_width, ic_prompt, load_image, make_diptych, right_half,
+                                 right_half_mask, to_pil, to_tensor)
 from flux_minimal.loading import WEIGHTS_HELP
 from flux_minimal.mmdit import Flux, load_flux, require_fill
-from flux_minimal.sampling import Conditioning, DenoiseState, denoise, fill_conditioning, get_noise, get_schedule, image_ids, pack, unpack
+from flux_minimal.sampling import (Conditioning, DenoiseState, denoise, fill_conditioning, get_noise, get_schedule,
+                                   image_ids, pack, unpack)
 from flux_minimal.text import PromptEncoder
 from flux_minimal.vae import load_vae
 from infer.offload import OFFLOAD_MODES, Visitor, block_budget, offload_dit
@@ -95,7 +97,7 @@ class ICEditPipeline:
     @classmethod
     def from_pretrained(cls, path: "str | Path", device="cpu", dtype: torch.dtype | None = None,
                         lora: "str | Path | None" = None, lora_scale: float = 1.0, offload: str = "none",
-                        max_length: int = 512) -> "ICEditPipeline":
+                        max_length: int | None = None) -> "ICEditPipeline":
         """Load a FLUX.1-Fill-dev snapshot folder: diffusers layout (transformer/, vae/, text_encoder/,
         text_encoder_2/, tokenizer/, tokenizer_2/) or the BFL files flux1-fill-dev.safetensors and
         ae.safetensors beside the text folders. dtype=None: bfloat16 on CUDA, float32 on the CPU.
@@ -136,11 +138,13 @@ class ICEditPipeline:
 
     @torch.no_grad()
     def prepare(self, image, instruction: str, width: int = 512, watch: Stopwatch | None = None,
-                min_side: int = MIN_SIDE) -> EditJob:
-        """Fit the source, build the diptych and mask, encode the prompt and the masked diptych."""
+                min_side: int = MIN_SIDE, template: str = IC_PROMPT) -> EditJob:
+        """Fit the source, build the diptych and mask, encode the prompt and the masked diptych.
+        `template` is the in-context prompt; "{instruction}" alone gives the paper's ablation
+        without it."""
         watch = watch or Stopwatch(self.device)
         source = fit_width(load_image(image, min_side), width)
-        prompt = ic_prompt(instruction)
+        prompt = ic_prompt(instruction, template)
         diptych = make_diptych(source)
         W, H = diptych.size
         with watch("text"):
@@ -190,7 +194,7 @@ class ICEditPipeline:
     def edit(self, image, instruction: str, *, width: int = 512, steps: int = 28, guidance: float = 50.0,
              seed: int = 42, latents: Tensor | None = None, candidates: int = 1, early_steps: int = 10,
              preview: str = "short", judge=None, save_candidates: "str | Path | None" = None,
-             progress: bool = True, min_side: int = MIN_SIDE) -> Image.Image:
+             progress: bool = True, min_side: int = MIN_SIDE, template: str = IC_PROMPT) -> Image.Image:
         """Edit `image` (a path or a PIL image) as `instruction` says; returns the edited PIL image.
 
         candidates > 1 turns on early-filter scaling (infer/scaling.py): `candidates` noises are
@@ -204,7 +208,7 @@ class ICEditPipeline:
             torch.cuda.reset_peak_memory_stats(self.device)
         watch = Stopwatch(self.device)
         t0 = time.perf_counter()
-        job = self.prepare(image, instruction, width, watch, min_side)
+        job = self.prepare(image, instruction, width, watch, min_side, template)
         report = {"instruction": instruction, "seed": seed, "steps": steps, "guidance": guidance,
                   "size": f"{job.width // 2}x{job.height}", "files": self.files}
         if candidates > 1:

@@ -32,3 +32,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def snapshot(tmp_path_factory):
+    """One tiny random FLUX.1-Fill-dev snapshot (diffusers layout) for the whole session: the
+    pipeline, CLI, scaling and training tests all read it; none writes to it."""
+    from tests.snapshot import write_tiny_snapshot
+    return write_tiny_snapshot(tmp_path_factory.mktemp("snap") / "FLUX.1-Fill-dev")

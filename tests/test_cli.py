@@ -13,14 +13,8 @@ from PIL import Image, PngImagePlugin
 from flux_minimal.errors import FluxMinimalError
 from flux_minimal.images import fit_width, load_image, save_png, to_rgb
 from infer.edit import main
-from tests.snapshot import write_tiny_snapshot
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def snapshot(tmp_path_factory):
-    return write_tiny_snapshot(tmp_path_factory.mktemp("snap") / "FLUX.1-Fill-dev")
 
 
 @pytest.fixture

@@ -12,12 +12,6 @@ from flux_minimal.images import IC_PROMPT, make_diptych, right_half
 from flux_minimal.sampling import pack, unpack
 from infer.pipeline import ICEditPipeline
 from tests.helpers import rel_err
-from tests.snapshot import write_tiny_snapshot
-
-
-@pytest.fixture(scope="module")
-def snapshot(tmp_path_factory):
-    return write_tiny_snapshot(tmp_path_factory.mktemp("snap") / "FLUX.1-Fill-dev")
 
 
 @pytest.fixture(scope="module")

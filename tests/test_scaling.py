@@ -13,13 +13,7 @@ from infer.edit import main
 from infer.judge import JudgeError, ScoreJudge
 from infer.pipeline import ICEditPipeline
 from infer.scaling import expected_nfe
-from tests.snapshot import write_tiny_snapshot
 from tests.test_pipeline import source_image
-
-
-@pytest.fixture(scope="module")
-def snapshot(tmp_path_factory):
-    return write_tiny_snapshot(tmp_path_factory.mktemp("snap") / "FLUX.1-Fill-dev")
 
 
 @pytest.fixture(scope="module")

@@ -18,15 +18,9 @@ from safetensors.torch import load_file
 from train.data import EditPairs
 from train.train import main
 from tests.helpers import rel_err
-from tests.snapshot import write_tiny_snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ["--resolution", "64", "--max-length", "32", "--no-progress", "--log-every", "1"]
-
-
-@pytest.fixture(scope="module")
-def snapshot(tmp_path_factory):
-    return write_tiny_snapshot(tmp_path_factory.mktemp("snap") / "FLUX.1-Fill-dev")
 
 
 def write_pairs(folder: Path, n: int = 6, extra_lines: list[str] = ()) -> Path:

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from flux_minimal.errors import FluxMinimalError
+from flux_minimal.errors import FluxMinimalError, run_cli
 from flux_minimal.images import make_diptych, right_half_mask, save_png, to_pil
 from flux_minimal.lora import add_lora, load_lora, lora_parameters, lora_state_dict, official_state_dict
 from flux_minimal.mmdit import load_flux, require_fill
@@ -74,7 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--preview-every", type=int, default=0, help="save a preview edit every N steps (0: never)")
     ap.add_argument("--preview-steps", type=int, default=28)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-length", type=int, default=512, help="T5 tokens")
+    ap.add_argument("--max-length", type=int, default=None,
+                    help="T5 tokens (default: the tokenizer_config.json of tokenizer_2, else 512)")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
 
@@ -297,8 +298,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except FluxMinimalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)
