@@ -394,19 +394,28 @@ def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 def official_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The adapters in the official diffusers/peft layout (alpha folded into B, so alpha = rank)."""
+    return official_from_ours(lora_state_dict(model))
+
+
+def official_from_ours(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Our format -> the official layout (`transformer.<diffusers module>.lora_A.weight`, ...)."""
     out = {}
-    for name, layer in lora_layers(model).items():
-        for p in layer.lora_A:
-            A, B = layer.lora_A[p].detach(), layer.lora_B[p].detach() * layer.scales[p]
-            if layer.is_moe:
-                base = "transformer." + diffusers_name(name, 0)
-                for e in range(A.shape[0]):
-                    out[f"{base}.lora_A.expert_{e}.weight"] = A[e].contiguous()
-                    out[f"{base}.lora_B.expert_{e}.weight"] = B[e].contiguous()
-                out[f"{base}.lora_route.weight"] = layer.lora_route.detach().contiguous()
-            else:
-                t = diffusers_target(diffusers_name(name, int(p)))
-                base = "transformer." + diffusers_name(name, int(p))
-                out[f"{base}.lora_A.weight"] = A.contiguous()
-                out[f"{base}.lora_B.weight"] = (swap_halves([B]) if t.swap else B).contiguous()
+    for key, A in state.items():
+        m = _OURS.match(key)
+        if m is None or m["kind"] != "lora_A":
+            continue
+        name, p = m["mod"], m["part"]
+        r = A.shape[-2]
+        alpha = state.get(f"{name}.alpha.{p}")
+        B = state[f"{name}.lora_B.{p}"] * ((float(alpha) if alpha is not None else r) / r)
+        if p == "experts":
+            base = "transformer." + diffusers_name(name, 0)
+            for e in range(A.shape[0]):
+                out[f"{base}.lora_A.expert_{e}.weight"] = A[e].contiguous()
+                out[f"{base}.lora_B.expert_{e}.weight"] = B[e].contiguous()
+            out[f"{base}.lora_route.weight"] = state[f"{name}.lora_route"].contiguous()
+        else:
+            base = "transformer." + diffusers_name(name, int(p))
+            out[f"{base}.lora_A.weight"] = A.contiguous()
+            out[f"{base}.lora_B.weight"] = (swap_halves([B]) if diffusers_target(base[12:]).swap else B).contiguous()
     return out

@@ -119,8 +119,30 @@ def test_ddp_two_processes_equal_one_with_double_batch(snapshot, tmp_path):
                     *COMMON, "--batch", "1", *args], cwd=REPO, check=True, env=env, capture_output=True)
     assert train(snapshot, data, tmp_path / "one", "--batch", "2", *args) == 0
     a, b = load_file(tmp_path / "ddp" / "adapter.safetensors"), load_file(tmp_path / "one" / "adapter.safetensors")
-    for k in a:  # the all-reduce sums in another order than one batch's mean: 1e-5
-        assert rel_err(a[k], b[k]) <= 1e-5 or torch.equal(a[k], b[k]), k
+    # The all-reduce sums in another order than one batch's mean (~1e-7 on the gradients); Adam's
+    # scale-free update m / sqrt(v) enlarges that on near-zero gradients: ~1e-5 measured after 3 steps.
+    for k in a:
+        assert rel_err(a[k], b[k]) <= 1e-4, (k, rel_err(a[k], b[k]))
+
+
+@pytest.mark.slow
+def test_fsdp_equals_ddp(snapshot, tmp_path):
+    """FSDP2 (the base sharded over 2 processes) gives the DDP run's adapter, and resumes."""
+    data = write_pairs(tmp_path / "data", n=8)
+    args = ["--optimizer", "adamw", "--lr", "1e-3", "--rank", "4", "--batch", "1", "--save-every", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def torchrun(out, port, *extra):
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(port), "-m", "train.train", "--weights", str(snapshot), "--data", str(data), "--out",
+                        str(out), *COMMON, *args, *map(str, extra)], cwd=REPO, check=True, env=env, capture_output=True)
+    torchrun(tmp_path / "ddp", 29521, "--steps", "4")
+    torchrun(tmp_path / "fsdp", 29522, "--steps", "2", "--fsdp")
+    torchrun(tmp_path / "fsdp", 29523, "--steps", "4", "--fsdp", "--resume", tmp_path / "fsdp")
+    a, b = load_file(tmp_path / "ddp" / "adapter.safetensors"), load_file(tmp_path / "fsdp" / "adapter.safetensors")
+    assert sorted(a) == sorted(b)
+    for k in a:  # reduce-scatter vs all-reduce: another summation order (see the DDP test)
+        assert rel_err(b[k], a[k]) <= 1e-4, (k, rel_err(b[k], a[k]))
 
 
 def test_export_loads_in_diffusers(snapshot, tmp_path):
@@ -131,7 +153,9 @@ def test_export_loads_in_diffusers(snapshot, tmp_path):
     from tests.test_mmdit import inputs, run_diffusers, run_ours
     data = write_pairs(tmp_path / "data")
     out = tmp_path / "run"
-    train(snapshot, data, out, "--steps", "3", "--optimizer", "adamw", "--lr", "1e-2", "--rank", "4")
+    train(snapshot, data, out, "--steps", "3", "--optimizer", "adamw", "--lr", "1e-2", "--rank", "4",
+          "--preview-every", "3", "--preview-steps", "2")
+    assert Image.open(out / "preview_0000003.png").size == (3 * 64, 64)  # source | edit | target
     ours = load_flux(snapshot)
     load_lora(ours, out / "adapter.safetensors")
     ref = FluxTransformer2DModel.from_pretrained(snapshot / "transformer")

@@ -29,33 +29,32 @@ def save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict | No
 
 
 def _split_optimizer(sd: dict) -> tuple[dict[str, Tensor], dict]:
+    """An optimizer state dict keyed by parameter name (torch.distributed.checkpoint's full form)
+    -> its tensors (safetensors keys `<param>|<entry>`) and everything else (JSON)."""
     tensors, scalars = {}, {}
-    for idx, st in sd["state"].items():
+    for name, st in sd["state"].items():
         for k, v in st.items():
-            if isinstance(v, Tensor):
-                tensors[f"{idx}.{k}"] = v
-            else:
-                scalars[f"{idx}.{k}"] = v
+            (tensors if isinstance(v, Tensor) else scalars)[f"{name}|{k}"] = v
     return tensors, {"scalars": scalars, "param_groups": sd["param_groups"]}
 
 
 def _join_optimizer(tensors: dict[str, Tensor], rest: dict) -> dict:
-    state: dict[int, dict] = {}
+    state: dict[str, dict] = {}
     for key, v in [*tensors.items(), *rest["scalars"].items()]:
-        idx, k = key.split(".", 1)
-        state.setdefault(int(idx), {})[k] = v
+        name, k = key.rsplit("|", 1)
+        state.setdefault(name, {})[k] = v
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
-def save_checkpoint(out: Path, step: int, adapter: dict[str, Tensor], optimizer: torch.optim.Optimizer,
-                    state: dict) -> Path:
+def save_checkpoint(out: Path, step: int, adapter: dict[str, Tensor], optimizer: dict, state: dict) -> Path:
+    """`optimizer`: its full state dict keyed by parameter name (see train.train.optimizer_state)."""
     out.mkdir(parents=True, exist_ok=True)
     final = out / f"step_{step:07d}"
     tmp = out / f".tmp_step_{step:07d}_{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_safetensors(adapter, tmp / "adapter.safetensors")
-    opt_tensors, opt_rest = _split_optimizer(optimizer.state_dict())
+    opt_tensors, opt_rest = _split_optimizer(optimizer)
     save_safetensors(opt_tensors, tmp / "optimizer.safetensors")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step, "optimizer": opt_rest}, indent=1))
     if final.exists():

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from flux_minimal.errors import FluxMinimalError, run_cli
 from flux_minimal.images import make_diptych, right_half_mask, save_png, to_pil
-from flux_minimal.lora import add_lora, load_lora, lora_parameters, lora_state_dict, official_state_dict
+from flux_minimal.lora import add_lora, load_lora, lora_parameters, lora_state_dict, official_from_ours
 from flux_minimal.mmdit import load_flux, require_fill
 from flux_minimal.sampling import fill_conditioning, image_ids, noisy_sample, pack
 from flux_minimal.text import PromptEncoder
@@ -65,6 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--clip-grad", type=float, default=0.5)
     ap.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
+    ap.add_argument("--fsdp", action="store_true", help="shard the base over the torchrun processes (FSDP2)")
     ap.add_argument("--cache", action="store_true", help="keep text embeddings and latents in memory (small datasets)")
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], help="frozen base dtype (default bf16 on CUDA)")
     ap.add_argument("--out", type=Path, required=True)
@@ -150,6 +151,18 @@ class Batcher:
         return dict(x0=x0, cond=cond, txt=txt, vec=vec, t=t.to(self.device), eps=eps.to(self.device))
 
 
+def full_adapter(flux) -> dict[str, Tensor]:
+    """The adapter in our format as whole tensors (FSDP shards are gathered: every process calls this)."""
+    from torch.distributed.tensor import DTensor
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in lora_state_dict(flux).items()}
+
+
+def optimizer_state(flux, optimizer) -> dict:
+    """The optimizer's full state keyed by parameter name, the same with or without FSDP."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(flux, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def flow_loss(model, b: dict, R: int, nominal: int, dtype) -> tuple[Tensor, Tensor]:
     """ICEdit's loss for one micro-batch: sum over its samples / the nominal batch size (so a
     skipped sample counts as zero and N processes average to exactly the single-process loss).
@@ -165,7 +178,7 @@ def flow_loss(model, b: dict, R: int, nominal: int, dtype) -> tuple[Tensor, Tens
 
 
 @torch.no_grad()
-def preview(flux, vae, text, data: EditPairs, R: int, steps: int, path: Path, device) -> None:
+def preview(flux, vae, text, data: EditPairs, R: int, steps: int, path: Path, device, save: bool = True) -> None:
     """[source | edit | target] of the first pair, sampled with the inference code."""
     from infer.pipeline import ICEditPipeline
     diptych = data.diptych(0)
@@ -176,8 +189,9 @@ def preview(flux, vae, text, data: EditPairs, R: int, steps: int, path: Path, de
     instruction = data.records[0][1].get("instruction") or data.records[0][1]["edited_prompt_list"][0]
     edit = pipe.edit(src, instruction, width=R, steps=steps, guidance=50.0, seed=0, progress=False)
     flux.train(was_training)
-    save_png(make_diptych(make_diptych(src, edit), make_diptych(tgt, tgt)).crop((0, 0, 3 * R, R)), path,
-             {"instruction": instruction})
+    if save:
+        save_png(make_diptych(make_diptych(src, edit), make_diptych(tgt, tgt)).crop((0, 0, 3 * R, R)), path,
+                 {"instruction": instruction})
 
 
 def main(argv=None) -> int:
@@ -204,32 +218,44 @@ def main(argv=None) -> int:
              seed=args.seed)
     if args.init_lora:  # e.g. continue from a released adapter (ICEdit issue #40)
         load_lora(flux, args.init_lora)
-    params = lora_parameters(flux)
-    for p in params:  # fp32 master weights, whatever the base dtype
+    for p in lora_parameters(flux):  # fp32 master weights, whatever the base dtype
         p.data = p.data.float()
         p.requires_grad_(True)
     flux.gradient_checkpointing = args.grad_checkpointing
     flux.train()
-    optimizer = make_optimizer(args, params)
-    n_train = sum(p.numel() for p in params)
 
-    step, samples_per_step = 0, args.batch * args.grad_accum * world
-    if args.resume:
+    step, samples_per_step, opt_state = 0, args.batch * args.grad_accum * world, None
+    if args.resume:  # the adapter goes in before any sharding; the optimizer state after
         adapter, opt_state, state = load_checkpoint(args.resume)
         names = lora_state_dict(flux)
         with torch.no_grad():
             for k, v in adapter.items():
                 if k in names and not k.rsplit(".", 2)[-2] == "alpha":
                     names[k].copy_(v)
-        optimizer.load_state_dict(opt_state)
         step = state["step"]
         if state["samples_per_step"] != samples_per_step:
             raise FluxMinimalError(f"{args.resume} was trained with {state['samples_per_step']} samples per step; "
                                    f"this run has {samples_per_step} (batch x grad-accum x processes): keep them equal")
     model = flux
-    if world > 1:
+    if args.fsdp:  # shard every block (base and adapter) over the processes: for a base too big for one GPU
+        if world < 2:
+            raise FluxMinimalError("--fsdp shards over processes: launch with torchrun --nproc_per_node N")
+        from torch.distributed.fsdp import fully_shard
+        for block in [*flux.double_blocks, *flux.single_blocks]:
+            fully_shard(block)
+        fully_shard(flux)
+    elif world > 1:  # DDP: every process holds the base; only the adapter's gradients are all-reduced
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(flux, device_ids=[device.index] if device.type == "cuda" else None)
+    params = lora_parameters(flux)  # after sharding: FSDP replaces them with sharded ones
+    optimizer = make_optimizer(args, params)
+    n_train = sum(p.numel() for p in params)
+    if opt_state is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        for group, saved in zip(optimizer.param_groups, opt_state["param_groups"]):
+            for k, v in saved.items():  # entries some optimizers add only in their first step (Prodigy's d_*)
+                group.setdefault(k, v)
+        set_optimizer_state_dict(flux, optimizer, opt_state, options=StateDictOptions(full_state_dict=True))
 
     data = EditPairs(args.data, resolution=args.resolution)
     batcher = Batcher(data, text, vae, device, dtype, args.seed, args.cache)
@@ -275,19 +301,23 @@ def main(argv=None) -> int:
             msg = f"step {step}: loss {rec['loss']:.4f}, " + ", ".join(f"t {k} {v:.4f}" for k, v in rec["loss_by_t"].items())
             (bar.write if bar else print)(msg)
             bins, log_t0 = defaultdict(list), time.perf_counter()
-        if main_proc and (step % args.save_every == 0 or step == args.steps):
-            save_checkpoint(args.out, step, lora_state_dict(flux), optimizer,
-                            {"samples_per_step": samples_per_step, "args": {k: str(v) for k, v in vars(args).items()}})
-        if main_proc and args.preview_every and step % args.preview_every == 0:
-            preview(flux, vae, text, data, R, args.preview_steps, args.out / f"preview_{step:07d}.png", device)
+        if step % args.save_every == 0 or step == args.steps:  # (gathering is collective under FSDP)
+            adapter, opt = full_adapter(flux), optimizer_state(flux, optimizer)
+            if main_proc:
+                save_checkpoint(args.out, step, adapter, opt, {"samples_per_step": samples_per_step,
+                                "args": {k: str(v) for k, v in vars(args).items()}})
+        if args.preview_every and step % args.preview_every == 0 and (main_proc or args.fsdp):
+            preview(flux, vae, text, data, R, args.preview_steps, args.out / f"preview_{step:07d}.png", device,
+                    save=main_proc)
         if world > 1:
             dist.barrier()
 
+    adapter = full_adapter(flux)
     if main_proc:
         if bar is not None:
             bar.close()
-        save_safetensors(lora_state_dict(flux), args.out / "adapter.safetensors")
-        save_safetensors(official_state_dict(flux), args.out / "pytorch_lora_weights.safetensors")
+        save_safetensors(adapter, args.out / "adapter.safetensors")
+        save_safetensors(official_from_ours(adapter), args.out / "pytorch_lora_weights.safetensors")
         if data.skipped:
             print(f"skipped {sum(data.skipped.values())} unreadable sample(s): {dict(data.skipped.most_common(5))}")
         print(f"done: {step} steps in {time.perf_counter() - t0:.1f}s; adapter: {args.out / 'adapter.safetensors'}, "
