@@ -8,3 +8,4 @@ from .clip import CLIPTextModel, load_clip
 from .t5 import T5EncoderModel, load_t5
 from .text import PromptEncoder
 from .tokenizers import CLIPTokenizer, T5Tokenizer
+from .lora import add_lora, load_lora, merge_lora, unmerge_lora

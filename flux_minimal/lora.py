@@ -29,8 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels.lora_moe import lora_moe_linear
-
 from .errors import WeightsError
 from .loading import Checkpoint, swap_halves
 from .mmdit import FLUX_FROM_DIFFUSERS, Flux
@@ -149,6 +147,7 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.is_moe:
+            from kernels.lora_moe import lora_moe_linear  # Triton is imported only where MoE layers exist
             A, B, R = (t.to(x.dtype) for t in (self.lora_A["experts"], self.lora_B["experts"], self.lora_route))
             return lora_moe_linear(x, self.weight, self.bias, A, B, R, scale=self.scale * self.scales["experts"])
         y = F.linear(x, self.weight, self.bias)

@@ -149,3 +149,19 @@ def test_save_png_atomic_on_failure(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         save_png(Image.new("RGB", (8, 8)), target)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_generic_top_level_names_do_not_clash(tmp_path):
+    """Other packages called kernels/infer/train (PyPI has a `kernels`) must not shadow ours when
+    run from the repository root, as the README says."""
+    for name in ("kernels", "infer", "train"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("raise ImportError('the wrong package was imported')\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", "import kernels.lora_moe, infer.pipeline, train.train; "
+                        "print(kernels.__file__, infer.__file__, train.__file__)"], cwd=REPO, capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert all(Path(f).is_relative_to(REPO) for f in r.stdout.split())
+    r = subprocess.run([sys.executable, "-m", "infer.edit", "--help"], cwd=REPO, capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "--instruction" in r.stdout
