@@ -109,7 +109,7 @@ def main(argv=None) -> int:
         meta["software"] = "flux-minimal ICEdit"
         save_png(img, out, meta)
         secs = ", ".join(f"{s} {t:.2f}s" for s, t in report["seconds"].items())
-        mem = ", ".join(f"{k.split('_')[0]} {v:.2f} GB" for k, v in report.items() if k.endswith("_peak_gb"))
+        mem = ", ".join(f"{key.split('_')[0]} {v:.2f} GB" for key, v in report.items() if key.endswith("_peak_gb"))
         print(f"turn {k}: {report['instruction']!r} -> {out}")
         print(f"  {report['it_per_s']:.2f} it/s, NFE {report['nfe']}, {secs}; total {report['total_seconds']:.2f}s"
               + (f"; peak {mem}" if mem else ""))
