@@ -67,3 +67,72 @@ def test_recipe_runs_end_to_end(tmp_path):
     edited = pipe.edit(tmp_path / "examples" / "scene_01.png", "turn the red circle blue", width=64, steps=4,
                        progress=False)
     assert edited.size == (64, 64)
+
+
+class _LosslessVAE:
+    """A perfect autoencoder: its "latent" is the image itself."""
+
+    def encode(self, x):
+        return x
+
+    def decode(self, z):
+        return z
+
+
+def test_vae_ceiling_scores_the_targets():
+    """The ceiling row scores decode(encode(target)): lossless, every edit passes (the checker passes
+    ground truth, tests/test_world.py); with the source instead of the target, none would."""
+    from train.mini_eval import vae_ceiling
+    examples = world.make_split(2 * len(world.EDIT_TYPES), 0, 64, split="heldout")
+    outs, scores, nfe = vae_ceiling(_LosslessVAE(), examples)
+    assert all(s.success for s in scores), [s for s in scores if not s.success]
+    assert all(o.tobytes() == ex.target.convert("RGB").tobytes() for o, ex in zip(outs, examples))
+    assert nfe == 0
+
+
+def test_eval_command_writes_the_table(tmp_path):
+    """The README's evaluation command, at one edit per type: every row of the table, in order."""
+    from train.mini_eval import main as eval_main
+    md = tmp_path / "table.md"
+    assert eval_main(["--weights", str(MINI), "--per-type", "1", "--steps", "4", "--scaling", "2x2", "--best-of", "2",
+                      "--md", str(md), "--grid", str(tmp_path / "grid.png")]) == 0
+    rows = [line.split("|")[1].strip() for line in md.read_text().splitlines()[2:]]
+    assert rows == ["target through the VAE (ceiling)", "base, no IC prompt", "base + IC prompt", "LoRA", "LoRA-MoE",
+                    "LoRA-MoE + early filter M=2, m=2", "LoRA-MoE, best of 2 full runs"]
+    assert Image.open(tmp_path / "grid.png").size[0] > 64 * 2 * 4
+
+
+class _FakePipe:
+    """An editing pipeline that answers from the world's ground truth: `answer(source, prompt)`."""
+
+    def __init__(self, answer):
+        self.answer = answer
+
+    def edit(self, image, instruction, *, width, steps, seed, template, progress):
+        return self.answer(image, template)
+
+
+def test_copy_probe_separates_a_copy_from_a_blank():
+    from train.mini_probe import copy_fidelity
+    kept, mae = copy_fidelity(_FakePipe(lambda src, prompt: src), n=6, steps=1)
+    assert kept == 1.0 and mae == 0.0
+    blank = world.render(world.Scene(world.Background("gray"), ()), 64)
+    kept, mae = copy_fidelity(_FakePipe(lambda src, prompt: blank), n=6, steps=1)
+    assert kept < 0.2 and mae > 0.02
+
+
+def test_caption_probe_separates_reading_from_ignoring():
+    """A pipeline that draws exactly the captioned right scene scores 100%; one that copies the left
+    scene (ignores the caption) scores near the unrelated-scene baseline."""
+    import numpy as np
+    from train.mini_probe import caption_reading
+    rng = np.random.default_rng(778)  # the probe's scene stream: (left, right, unrelated) per sample
+    right = {}
+    for _ in range(8):
+        a, b, _c = world.random_scene(rng), world.random_scene(rng), world.random_scene(rng)
+        right[world.caption(b)] = b
+    draw = _FakePipe(lambda src, prompt: world.render(right[prompt.split("; right, ", 1)[1]], 64))
+    named, unrelated = caption_reading(draw, n=8, steps=1)
+    assert named == 1.0 and unrelated < 0.8
+    named, unrelated = caption_reading(_FakePipe(lambda src, prompt: src), n=8, steps=1)
+    assert named < 0.8

@@ -5,6 +5,8 @@
 Every held-out edit is done by each method and measured by the world's programmatic checker
 (train/world_check.py): edit success (done as asked AND everything else preserved) and the
 preservation error. Rows:
+  target through the VAE  the ground-truth target encoded and decoded: every method's output leaves
+                          through the VAE's decoder, so this row bounds them all (a perfect DiT)
   base, no IC prompt      the base Fill model prompted with the bare instruction
   base + IC prompt        training-free ICEdit: the diptych and the in-context prompt
   LoRA, LoRA-MoE          the fine-tuned adapters
@@ -18,9 +20,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
-from flux_minimal.images import IC_PROMPT, save_png
+from flux_minimal.images import IC_PROMPT, save_png, to_pil, to_tensor
 from infer.judge import ScoreJudge
 from infer.pipeline import ICEditPipeline
 from train import world
@@ -53,6 +56,13 @@ def run_row(pipe, examples, *, steps, template=IC_PROMPT, candidates=1, early=0,
         scores.append(check_edit(ex.record, ex.source, out))
         nfe += n
     return outs, scores, nfe / len(examples)
+
+
+@torch.no_grad()
+def vae_ceiling(vae, examples):
+    """The targets after a VAE round trip, scored: what a DiT that predicts the exact target latent gives."""
+    outs = [to_pil(vae.decode(vae.encode(to_tensor(ex.target)))) for ex in examples]
+    return outs, [check_edit(ex.record, ex.source, out) for ex, out in zip(examples, outs)], 0.0
 
 
 def world_size(ex) -> int:
@@ -116,6 +126,9 @@ def main(argv=None) -> int:
     pipes = {"base": ICEditPipeline.from_pretrained(w), "lora": ICEditPipeline.from_pretrained(w, lora=w / "lora.safetensors"),
              "moe": ICEditPipeline.from_pretrained(w, lora=w / "lora_moe.safetensors")}
     rows, cols, t0 = [], [], time.perf_counter()
+    _, scores, nfe = vae_ceiling(pipes["base"].vae, examples)
+    rows.append(summarize("target through the VAE (ceiling)", examples, scores, nfe))
+    print(f"{rows[-1]['row']}: success {100 * rows[-1]['success']:.0f}%, move {100 * rows[-1]['move']:.0f}%", flush=True)
     plan = [("base, no IC prompt", "base", dict(template="{instruction}")), ("base + IC prompt", "base", {}),
             ("LoRA", "lora", {}), ("LoRA-MoE", "moe", {})]
     for spec in args.scaling.split(","):
