@@ -49,6 +49,9 @@ from flux_minimal.vae import AutoEncoder, save_vae
 from train import world
 
 SIZE = 64  # scenes are 64 x 64; a diptych 128 x 64 is 8 x 4 = 32 tokens
+# the base model's prompts (the captions come from world.caption)
+SAME_SCENE_PROMPT = "A diptych with two side-by-side images of the same scene: {caption}"
+TWO_SCENES_PROMPT = "Two images: left, {left}; right, {right}"
 
 
 def log(msg: str) -> None:
@@ -156,10 +159,10 @@ def base_example(rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, 
     """(canvas [3, 64, 128], mask [1, 64, 128], prompt) for base training."""
     a = world.random_scene(rng)
     if rng.random() < 0.6:  # one scene twice: the prior the IC prompt relies on
-        b, prompt = a, f"A diptych with two side-by-side images of the same scene: {world.caption(a)}"
+        b, prompt = a, SAME_SCENE_PROMPT.format(caption=world.caption(a))
     else:
         b = world.random_scene(rng)
-        prompt = f"Two images: left, {world.caption(a)}; right, {world.caption(b)}"
+        prompt = TWO_SCENES_PROMPT.format(left=world.caption(a), right=world.caption(b))
     canvas = to_tensor(make_diptych(world.render(a, SIZE), world.render(b, SIZE)))[0]
     mask = torch.zeros(1, SIZE, 2 * SIZE)
     u = rng.random()

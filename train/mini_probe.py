@@ -1,6 +1,6 @@
 """Probe the mini world's bottlenecks: what caps edit success before any adapter is trained.
 
-    .venv/bin/python -m train.mini_probe --weights assets/mini              # ~1 min on 2 cores
+    .venv/bin/python -m train.mini_probe --weights assets/mini              # ~20 s on 2 cores
     .venv/bin/python -m train.mini_probe --size 128 --probes vae              # the VAE ceiling at 128 px
 
 Three figures, each a precondition of an instruction edit, measured on fresh scenes:
@@ -21,6 +21,7 @@ import numpy as np
 
 from infer.pipeline import ICEditPipeline
 from train import world
+from train.mini import SAME_SCENE_PROMPT, TWO_SCENES_PROMPT
 from train.mini_eval import summarize, vae_ceiling
 
 PALETTE = np.array(list(world.COLORS.values()), dtype=np.float64)  # [8, 3]
@@ -41,7 +42,7 @@ def copy_fidelity(pipe, n: int, steps: int, size: int = 64) -> tuple[float, floa
     for i in range(n):
         scene = world.random_scene(rng)
         src = world.render(scene, size)
-        prompt = f"A diptych with two side-by-side images of the same scene: {world.caption(scene)}"
+        prompt = SAME_SCENE_PROMPT.format(caption=world.caption(scene))
         out = pipe.edit(src, "-", width=size, steps=steps, seed=i, template=prompt, progress=False)
         o, s = np.asarray(out, dtype=np.float64), np.asarray(src, dtype=np.float64)
         mae.append(np.abs(o - s).mean() / 255)
@@ -60,7 +61,7 @@ def caption_reading(pipe, n: int, steps: int, size: int = 64) -> tuple[float, fl
     named, unrelated = [], []
     for i in range(n):
         a, b, c = world.random_scene(rng), world.random_scene(rng), world.random_scene(rng)
-        prompt = f"Two images: left, {world.caption(a)}; right, {world.caption(b)}"
+        prompt = TWO_SCENES_PROMPT.format(left=world.caption(a), right=world.caption(b))
         with warnings.catch_warnings():  # long two-scene captions are cut to T5's length, as in training
             warnings.simplefilter("ignore")
             out = pipe.edit(world.render(a, size), "-", width=size, steps=steps, seed=i, template=prompt, progress=False)
