@@ -130,12 +130,14 @@ PRESETS: dict[str, Preset] = {
     # Tiny presets: same code, random weights, seconds on a CPU. The tests run these.
     "tiny-fill": Preset(_tiny_flux(384), _TINY_AE, _TINY_T5, _TINY_CLIP),
     "tiny-dev": Preset(_tiny_flux(64), _TINY_AE, _TINY_T5, _TINY_CLIP),
-    # The miniature world (train/mini.py, assets/mini): every component, small enough to train on a
-    # CPU in about an hour. Vocabulary sizes are set by the tokenizers it learns.
+    # The miniature world (train/shapes/recipe.py, assets/mini): every component, small enough to train
+    # on a CPU in a few hours. Vocabulary sizes are set by the tokenizers it learns. Its VAE downsamples
+    # 4x, not 8x, so a 64-px scene keeps 16 x 16 latent pixels (8x lost small shapes); the Fill input
+    # is then 64 + 64 + 64 channels (the mask unshuffled 4 x 4 instead of 8 x 8).
     "mini": Preset(
-        FluxParams(in_channels=384, vec_in_dim=64, context_in_dim=64, hidden_size=128, num_heads=4, depth=2,
+        FluxParams(in_channels=192, vec_in_dim=64, context_in_dim=64, hidden_size=128, num_heads=4, depth=2,
                    depth_single_blocks=4, axes_dim=(4, 14, 14)),
-        AutoEncoderParams(ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1, num_groups=8),
+        AutoEncoderParams(ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, num_groups=8),
         T5Config(vocab_size=320, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4),
         CLIPConfig(vocab_size=714, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                    eos_token_id=713)),

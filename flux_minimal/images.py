@@ -6,9 +6,8 @@
     edit    = the right half of the result, crop (w, 0, 2w, h)
 """
 
-import os
-import tempfile
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -16,6 +15,7 @@ from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 from torch import Tensor
 
 from .errors import FluxMinimalError
+from .files import atomic_write, save_or_fallback
 
 # The in-context edit prompt, exactly as in the paper and the official scripts.
 IC_PROMPT = ("A diptych with two side-by-side images of the same scene. On the right, the scene is "
@@ -120,25 +120,18 @@ def to_pil(x: Tensor) -> Image.Image:
     return Image.fromarray(a, "RGB")
 
 
-def save_png(img: Image.Image, path: "str | Path", metadata: dict | None = None) -> Path:
-    """Write a PNG atomically (a temporary file in the same folder, then rename): an interrupted
-    run never leaves a half-written image. `metadata` goes into PNG text chunks."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise FluxMinimalError(f"cannot write {path}: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise FluxMinimalError(f"cannot write {path}: the folder {folder} is not writable")
+def png_writer(img: Image.Image, metadata: dict | None = None) -> Callable[[BinaryIO], None]:
+    """`write(f)` for files.atomic_write: the image as PNG, `metadata` in its text chunks."""
     info = PngImagePlugin.PngInfo()
     for k, v in (metadata or {}).items():
         info.add_text(str(k), str(v))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return lambda f: img.save(f, format="PNG", pnginfo=info)
 
+
+def save_png(img: Image.Image, path: "str | Path", metadata: dict | None = None, keep: bool = False) -> Path:
+    """Write a PNG atomically (flux_minimal.files): an interrupted run never leaves a half-written
+    image, and a folder or a special file (/dev/full, a FIFO) at `path` is never replaced. keep=True
+    is for results that took work: if the write fails, the PNG is saved in the temp folder instead
+    and the error says where."""
+    write = png_writer(img, metadata)
+    return save_or_fallback(path, write, "output PNG") if keep else atomic_write(path, write, "output PNG")

@@ -362,10 +362,11 @@ def load_flux(path: str | Path, device: str | torch.device = "cpu", dtype: torch
     return load_state(model, ckpt, rules, device=device, dtype=dtype, what="FLUX transformer").eval()
 
 
-def require_fill(model: Flux, path: str | Path = "the checkpoint") -> None:
-    """ICEdit needs FLUX.1 Fill (384 input channels); say so plainly when given another FLUX."""
+def require_fill(model: Flux, path: str | Path = "the checkpoint", down: int = 8) -> None:
+    """ICEdit needs FLUX.1 Fill (384 input channels); say so plainly when given another FLUX.
+    (`down`: the VAE's downsampling factor; a Fill model takes 64 + 64 + 4 down^2 channels.)"""
     n = model.params.in_channels
-    if n != 384:
+    if n != 128 + 4 * down * down:
         kind = {64: "FLUX.1 [dev] (or schnell)", 128: "FLUX.1 Canny/Depth [dev]"}.get(n, f"a {n}-channel FLUX")
         raise WeightsError(f"{path} is {kind}: its img_in takes {n} channels, but ICEdit inpaints with "
                            f"FLUX.1 Fill [dev], which takes 384 (noisy latent 64 + masked image 64 + mask 256). "

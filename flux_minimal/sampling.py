@@ -2,6 +2,8 @@
 
     noise  [B, 16, H/8, W/8] (seeded CPU generator) --pack--> x [B, L, 64], L = (H/16)(W/16)
     cond   masked image latent (64) + pixel mask 8x8-unshuffled (256) = img_cond [1, L, 320]
+Sizes are FLUX's, whose VAE downsamples 8x (`down`); a VAE that downsamples d x gives latents
+H/d x W/d, tokens of 2d x 2d pixels and a mask of 4d^2 channels (the miniature model: d = 4).
     loop   v = flux(cat(x, img_cond), ids, txt, vec, t, guidance);  x <- x + (t_prev - t) v
     x_t = (1 - t) x0 + t noise, so v ~ noise - x0, t = 1 is pure noise and x0 = x_t - t v.
 
@@ -18,13 +20,14 @@ from einops import rearrange
 from torch import Tensor
 
 
-def get_noise(seeds: list[int], height: int, width: int, channels: int = 16) -> Tensor:
-    """One noise per seed, [len(seeds), 16, H/8, W/8] float32 (H and W are pixel sizes, multiples of 16).
+def get_noise(seeds: list[int], height: int, width: int, channels: int = 16, down: int = 8) -> Tensor:
+    """One noise per seed, [len(seeds), 16, H/8, W/8] float32 (H and W are pixel sizes, multiples of 16;
+    `down` is the VAE's downsampling factor).
 
     Drawn on the CPU in float32 from `torch.Generator().manual_seed(seed)`, so a seed gives the same
     image on any device and in any dtype. Candidate i of a batch is exactly the noise of its own seed.
     """
-    shape = (1, channels, 2 * math.ceil(height / 16), 2 * math.ceil(width / 16))
+    shape = (1, channels, 2 * math.ceil(height / (2 * down)), 2 * math.ceil(width / (2 * down)))
     return torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(s), dtype=torch.float32)
                       for s in seeds])
 
@@ -34,25 +37,26 @@ def pack(x: Tensor) -> Tensor:
     return rearrange(x, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)
 
 
-def unpack(x: Tensor, height: int, width: int) -> Tensor:
+def unpack(x: Tensor, height: int, width: int, down: int = 8) -> Tensor:
     """Token sequence -> latent image: [B, L, 4C] -> [B, C, H/8, W/8] for pixel sizes H, W."""
-    return rearrange(x, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=math.ceil(height / 16),
-                     w=math.ceil(width / 16), ph=2, pw=2)
+    return rearrange(x, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=math.ceil(height / (2 * down)),
+                     w=math.ceil(width / (2 * down)), ph=2, pw=2)
 
 
-def image_ids(batch: int, height: int, width: int, device=None) -> Tensor:
+def image_ids(batch: int, height: int, width: int, device=None, down: int = 8) -> Tensor:
     """Position ids (0, row, col) of the packed tokens, row-major like `pack`: [B, L, 3] float32."""
-    h, w = math.ceil(height / 16), math.ceil(width / 16)
+    h, w = math.ceil(height / (2 * down)), math.ceil(width / (2 * down))
     ids = torch.zeros(h, w, 3, device=device)
     ids[..., 1] = torch.arange(h, device=device)[:, None]
     ids[..., 2] = torch.arange(w, device=device)[None, :]
     return ids.reshape(1, h * w, 3).expand(batch, -1, -1)
 
 
-def pack_mask(mask: Tensor) -> Tensor:
+def pack_mask(mask: Tensor, down: int = 8) -> Tensor:
     """Pixel mask [B, 1, H, W] (1 = generate) -> [B, L, 256]: each 8x8 pixel block becomes 64
-    channels (index ph*8 + pw), then 2x2 packing like the latents. The mask is never resized."""
-    mask = rearrange(mask[:, 0], "b (h ph) (w pw) -> b (ph pw) h w", ph=8, pw=8)  # [B, 64, H/8, W/8]
+    channels (index ph*8 + pw), then 2x2 packing like the latents. The mask is never resized.
+    (A d x d block and 4d^2 channels for a VAE that downsamples d x.)"""
+    mask = rearrange(mask[:, 0], "b (h ph) (w pw) -> b (ph pw) h w", ph=down, pw=down)  # [B, 64, H/8, W/8]
     return pack(mask)
 
 
@@ -61,10 +65,17 @@ def fill_conditioning(vae, image: Tensor, mask: Tensor) -> Tensor:
 
     image [B, 3, H, W] in [-1, 1]; mask [B, 1, H, W] in {0, 1}, 1 where the model generates.
     Returns img_cond [B, L, 320] in float32; the model input is cat(x [B, L, 64], img_cond).
+    (With a VAE that downsamples d x: [B, L, 64 + 4d^2].)
     """
     masked = image * (1 - mask)  # the hole becomes 0: mid-gray
     latent = vae.encode(masked.to(next(vae.parameters()).dtype)).float()  # [B, 16, H/8, W/8]
-    return torch.cat([pack(latent), pack_mask(mask.float().to(latent.device))], dim=-1)
+    return torch.cat([pack(latent), pack_mask(mask.float().to(latent.device), vae_down(vae))], dim=-1)
+
+
+def vae_down(vae) -> int:
+    """The VAE's downsampling factor (8 for FLUX's); 8 for objects that do not say."""
+    params = getattr(vae, "params", None)
+    return params.downsample if params is not None else 8
 
 
 def time_shift(mu: float, sigma: float, t: Tensor) -> Tensor:

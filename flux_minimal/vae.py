@@ -399,9 +399,8 @@ def find_vae(path: str | Path) -> tuple[Checkpoint, AutoEncoderParams, list[Rule
 
 def save_vae(vae: AutoEncoder, path: str | Path) -> None:
     """Write an ae.safetensors (BFL names) with the configuration in its metadata."""
-    from safetensors.torch import save_file
-    meta = {CONFIG_KEY: json.dumps(asdict(vae.params))}
-    save_file({k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}, str(path), metadata=meta)
+    from .files import save_safetensors
+    save_safetensors(vae.state_dict(), path, metadata={CONFIG_KEY: json.dumps(asdict(vae.params))})
 
 
 def load_vae(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> AutoEncoder:

@@ -20,12 +20,12 @@ line, without a traceback, and the exit status is 2. Outputs are written atomica
 """
 
 import argparse
-import os
 from pathlib import Path
 
 import torch
 
 from flux_minimal.errors import FluxMinimalError, run_cli
+from flux_minimal.files import check_folder, check_output
 from flux_minimal.images import save_png
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,13 +83,16 @@ def main(argv=None) -> int:
     width, steps = args.width or preset.get("width", 512), args.steps or preset.get("steps", 28)
     guidance = args.guidance if args.guidance is not None else preset.get("guidance", 50.0)
 
-    # Fail before the minutes of loading, not after: the image, the output folder, the judge.
+    # Fail before the minutes of loading, not after: the outputs, the image, the width, the judge.
     outs = turn_paths(args.out, len(args.instruction))
-    folder = args.out.parent if str(args.out.parent) else Path(".")
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise FluxMinimalError(f"cannot write {args.out}: the folder {folder} does not exist or is not writable")
+    for out in outs:
+        check_output(out, "output PNG")
+    if args.save_candidates is not None:
+        check_folder(args.save_candidates, "--save-candidates folder")
     from flux_minimal.images import load_image
     load_image(args.image)
+    if width % 16:
+        print(f"note: width {width} is not a multiple of 16 (FLUX's patch): using {max(16, width // 16 * 16)}")
     judge = None
     if args.candidates > 1:
         if not args.judge_url:
@@ -107,7 +110,7 @@ def main(argv=None) -> int:
     for k, (img, report, out) in enumerate(zip(results, reports, outs), 1):
         meta = {key: report[key] for key in ("instruction", "seed", "steps", "guidance", "size", "files")}
         meta["software"] = "flux-minimal ICEdit"
-        save_png(img, out, meta)
+        save_png(img, out, meta, keep=True)  # minutes of work: if this write fails, it goes to the temp folder
         secs = ", ".join(f"{s} {t:.2f}s" for s, t in report["seconds"].items())
         mem = ", ".join(f"{key.split('_')[0]} {v:.2f} GB" for key, v in report.items() if key.endswith("_peak_gb"))
         print(f"turn {k}: {report['instruction']!r} -> {out}")

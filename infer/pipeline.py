@@ -26,7 +26,7 @@ from flux_minimal.images import (IC_PROMPT, MIN_SIDE, fit_width, ic_prompt, load
 from flux_minimal.loading import WEIGHTS_HELP
 from flux_minimal.mmdit import Flux, load_flux, require_fill
 from flux_minimal.sampling import (Conditioning, DenoiseState, denoise, fill_conditioning, get_noise, get_schedule,
-                                   image_ids, pack, unpack)
+                                   image_ids, pack, unpack, vae_down)
 from flux_minimal.text import PromptEncoder
 from flux_minimal.vae import load_vae
 from infer.offload import OFFLOAD_MODES, Visitor, block_budget, offload_dit
@@ -42,10 +42,11 @@ class EditJob:
     height: int  # diptych pixel size: h x 2w
     width: int
     cond: Conditioning
+    down: int = 8  # the VAE's downsampling factor: a token is 2*down pixels square
 
     @property
     def seq_len(self) -> int:
-        return (self.height // 16) * (self.width // 16)
+        return (self.height // (2 * self.down)) * (self.width // (2 * self.down))
 
 
 class Stopwatch:
@@ -111,13 +112,13 @@ class ICEditPipeline:
             raise FluxMinimalError(f"offload must be one of {OFFLOAD_MODES}, not {offload!r}")
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         stay = device if offload == "none" else "cpu"  # offloaded weights stay in host memory
+        # The VAE is small (84M parameters): float32 everywhere for clean decodes.
+        vae = load_vae(root, device=device, dtype=torch.float32)
         flux = load_flux(root, device=stay, dtype=dtype)
-        require_fill(flux, root)
+        require_fill(flux, root, vae_down(vae))
         if lora is not None:
             from flux_minimal.lora import load_lora
             load_lora(flux, lora, scale=lora_scale)
-        # The VAE is small (84M parameters): float32 everywhere for clean decodes.
-        vae = load_vae(root, device=device, dtype=torch.float32)
         text = PromptEncoder.from_pretrained(root, device=stay, dtype=dtype, max_length=max_length)
         files = f"{root.name}" + (f" + LoRA {Path(lora).name} x{lora_scale}" if lora else "")
         return cls(flux, vae, text, device=device, offload=offload, files=files)
@@ -152,8 +153,9 @@ class ICEditPipeline:
         with watch("encode"):
             img_cond = fill_conditioning(self.vae, to_tensor(diptych).to(self.device),
                                          right_half_mask(H, W).to(self.device))
-        cond = Conditioning(image_ids(1, H, W, self.device), txt, txt_ids, vec, img_cond)
-        return EditJob(source, instruction, H, W, cond)
+        down = vae_down(self.vae)
+        cond = Conditioning(image_ids(1, H, W, self.device, down), txt, txt_ids, vec, img_cond)
+        return EditJob(source, instruction, H, W, cond, down)
 
     @torch.no_grad()
     def sample(self, job: EditJob, state: DenoiseState, guidance: float, stop: int | None = None,
@@ -175,18 +177,18 @@ class ICEditPipeline:
     @torch.no_grad()
     def decode(self, x: Tensor, job: EditJob) -> list[Image.Image]:
         """Packed latents [B, L, 64] -> the right halves of the decoded diptychs."""
-        z = unpack(x.float(), job.height, job.width)
+        z = unpack(x.float(), job.height, job.width, job.down)
         return [right_half(to_pil(self.vae.decode(z[i:i + 1]))) for i in range(z.shape[0])]
 
     def initial_state(self, job: EditJob, seeds: list[int], steps: int, latents: Tensor | None = None) -> DenoiseState:
         if latents is not None:
-            want = (1, 16, job.height // 8, job.width // 8)
+            want = (1, 16, job.height // job.down, job.width // job.down)
             if tuple(latents.shape) != want:
                 raise FluxMinimalError(f"latents must have shape {list(want)} for this {job.width}x{job.height} "
                                        f"diptych, not {list(latents.shape)}")
             noise = latents.float().cpu()
         else:
-            noise = get_noise(seeds, job.height, job.width)
+            noise = get_noise(seeds, job.height, job.width, down=job.down)
         return DenoiseState(pack(noise).to(self.device), get_schedule(steps, job.seq_len))
 
     # ---- the API ------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ Two preview modes:
   NFE = n + (M - 1)*m, and the final image equals an uninterrupted n-step run of the winning seed.
 """
 
+import sys
 from pathlib import Path
 
 from flux_minimal.errors import FluxMinimalError
@@ -52,8 +53,11 @@ def early_filter(pipe, job, *, seed: int, steps: int, guidance: float, candidate
         folder = Path(save_candidates)
         folder.mkdir(parents=True, exist_ok=True)
         for i, img in enumerate(previews):
-            save_png(img, folder / f"candidate_{i:02d}_seed{seeds[i]}.png",
-                     {"seed": seeds[i], "preview": preview, "early_steps": early_steps})
+            try:  # a preview that cannot be written must not cost the edit: it goes to the temp folder
+                save_png(img, folder / f"candidate_{i:02d}_seed{seeds[i]}.png",
+                         {"seed": seeds[i], "preview": preview, "early_steps": early_steps}, keep=True)
+            except FluxMinimalError as e:
+                print(f"warning: {e}", file=sys.stderr)
     with watch("judge"):
         result = tournament(job.source, previews, job.instruction, judge)
     w = result.winner

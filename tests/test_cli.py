@@ -79,7 +79,7 @@ def test_cli_bad_inputs(case, snapshot, png, tmp_path):
     elif case == "empty_instruction":
         instruction, match = "  ", "instruction is empty"
     elif case == "no_folder":
-        out, match = tmp_path / "no" / "such" / "out.png", "does not exist or is not writable"
+        out, match = tmp_path / "no" / "such" / "out.png", "the folder .* does not exist"
     elif case == "incomplete_weights":
         weights = tmp_path / "incomplete"
         weights.mkdir()
@@ -98,8 +98,83 @@ def test_cli_unwritable_folder(snapshot, png, tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
-    with pytest.raises(FluxMinimalError, match="not writable"):
+    with pytest.raises(FluxMinimalError, match="creating a file in .* fails"):
         run("--weights", snapshot, "--image", png, "--instruction", "x", "--out", ro / "o.png", "--steps", "1")
+
+
+def _special_outputs(tmp_path: Path) -> dict[str, Path]:
+    """Outputs that must be refused before any model loads, each with what the message says."""
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    cases = {"folder": tmp_path, "character device": Path("/dev/null"), "FIFO": fifo}
+    if os.path.isdir("/proc/self"):  # as root os.access says yes here, yet no file can be created
+        cases["/proc"] = Path("/proc/o.png")
+    return cases
+
+
+@pytest.mark.parametrize("kind", ["folder", "character device", "FIFO", "/proc"])
+def test_cli_refuses_outputs_it_must_not_write(kind, png, tmp_path):
+    """As a user runs it: one line, exit status 2, before the model loads (the weights folder does
+    not even exist: loading would fail with another message), and the device or FIFO is unchanged."""
+    cases = _special_outputs(tmp_path)
+    if kind not in cases:
+        pytest.skip("no /proc on this system (the monkeypatched test below covers a failing create)")
+    out = cases[kind]
+    before = os.stat(out) if out.exists() else None
+    r = subprocess.run([sys.executable, "-m", "infer.edit", "--weights", str(tmp_path / "no_weights"), "--image",
+                        str(png), "--instruction", "x", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and "weights" not in r.stderr, r.stderr
+    expect = {"folder": "is a folder: pass a file path inside it", "character device": "is a character device",
+              "FIFO": "is a FIFO", "/proc": "creating a file in /proc fails"}[kind]
+    assert expect in r.stderr
+    if kind != "/proc":
+        after = os.stat(out)
+        assert (after.st_mode, after.st_ino, after.st_rdev) == (before.st_mode, before.st_ino, before.st_rdev)
+
+
+def test_check_output_when_creating_fails(tmp_path, monkeypatch):
+    """Where /proc does not apply: a folder where creating a file fails although it exists."""
+    import tempfile
+    from flux_minimal.files import check_output
+
+    def refuse(*a, **k):
+        raise FileNotFoundError(2, "No such file or directory")
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(FluxMinimalError, match="creating a file in .* fails"):
+        check_output(tmp_path / "o.png")
+
+
+def test_finished_edit_is_never_lost(snapshot, png, tmp_path, monkeypatch, capsys):
+    """The output was fine when checked, but the final write fails after the edit (the folder vanished):
+    the PNG is in the temp folder and the one-line error says where."""
+    import shutil
+    import flux_minimal.images as images
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    real = images.save_or_fallback
+
+    def vanish_first(path, *a, **k):
+        shutil.rmtree(gone, ignore_errors=True)
+        return real(path, *a, **k)
+    monkeypatch.setattr(images, "save_or_fallback", vanish_first)
+    with pytest.raises(FluxMinimalError, match="could not write the output PNG .*; the result is saved in (.*)") as e:
+        run("--weights", snapshot, "--image", png, "--instruction", "make it red", "--out", gone / "o.png",
+            "--steps", "1", "--width", "64", "--no-progress")
+    rescued = Path(str(e.value).rsplit("saved in ", 1)[1])
+    try:
+        assert Image.open(rescued).text["instruction"] == "make it red"
+    finally:
+        rescued.unlink()
+
+
+def test_width_not_multiple_of_16_is_said(snapshot, png, tmp_path, capsys):
+    out = tmp_path / "o.png"
+    assert run("--weights", snapshot, "--image", png, "--instruction", "x", "--out", out, "--steps", "1",
+               "--width", "70", "--no-progress") == 0
+    assert "width 70 is not a multiple of 16 (FLUX's patch): using 64" in capsys.readouterr().out
+    assert Image.open(out).width == 64
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "L", "I;16", "CMYK", "1"])

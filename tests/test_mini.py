@@ -1,6 +1,9 @@
 """The miniature world as a user meets it: the README's first command on the shipped weights, and
 the one-command recipe that made them (run at a tiny scale)."""
 
+import json
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -8,12 +11,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
+from flux_minimal.sampling import image_ids
+
 from infer.pipeline import ICEditPipeline
-from train import world
-from train.mini import EXAMPLES, main as mini_main
-from train.world_check import check_edit
+from train.shapes import world
+from train.shapes.recipe import EXAMPLES, STAGES, main as mini_main
+from train.shapes.check import check_edit
 
 REPO = Path(__file__).resolve().parents[1]
 MINI = REPO / "assets" / "mini"
@@ -60,13 +66,76 @@ def test_readme_first_command(tmp_path):
 
 @pytest.mark.slow
 def test_recipe_runs_end_to_end(tmp_path):
-    """Every stage of train/mini.py at 1% of its steps writes a snapshot the pipeline loads."""
+    """Every stage of the recipe at 1% of its steps writes a snapshot the pipeline loads, and says how
+    long each stage trained. (Eager: the compiled base step is checked against eager below.)"""
     out = tmp_path / "mini"
-    assert mini_main(["--out", str(out), "--scale", "0.01", "--examples", str(tmp_path / "examples")]) == 0
+    assert mini_main(["--out", str(out), "--scale", "0.01", "--no-compile", "--examples", str(tmp_path / "examples")]) == 0
     pipe = ICEditPipeline.from_pretrained(out, lora=out / "lora_moe.safetensors")
     edited = pipe.edit(tmp_path / "examples" / "scene_01.png", "turn the red circle blue", width=64, steps=4,
                        progress=False)
     assert edited.size == (64, 64)
+    progress = json.loads((tmp_path / "mini_work" / "progress.json").read_text())
+    assert list(progress) == list(STAGES) and all(s["done"] and s["seconds"] > 0 for s in progress.values())
+    assert mini_main(["--out", str(out), "--scale", "0.01", "--examples", str(tmp_path / "examples")]) == 0  # all done
+
+
+def _recipe(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "train.mini", "--out", str(out), "--scale", "0.01", "--no-compile",
+            "--save-every", "0", "--stages", "tokenizers,t5,vae,base", "--examples", str(out.parent / "ex"), *extra]
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {f.relative_to(out).as_posix(): f.read_bytes() for f in sorted(out.rglob("*.safetensors"))}
+
+
+@pytest.mark.slow
+def test_killed_stage_resumes_exactly(tmp_path):
+    """SIGKILL the recipe in the middle of the base stage (checkpoints every step here), run the same
+    command again: it continues where it stopped, and every weight file is bit for bit the one an
+    uninterrupted run writes (each step's batch and noise come from (seed, step); the learning rate
+    is a function of the step)."""
+    ref, cut = tmp_path / "ref" / "mini", tmp_path / "cut" / "mini"
+    subprocess.run(_recipe(ref), cwd=REPO, check=True, capture_output=True)
+    proc = subprocess.Popen(_recipe(cut), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = cut.parent / "mini_work" / "base" / "latest"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if latest.is_file() and int(latest.read_text().strip()[5:]) >= 20:  # step_0000020 of 80
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = int(latest.read_text().strip()[5:])
+    assert 20 <= killed_at < 80, killed_at
+    assert not (cut / "flux1-fill-mini.safetensors").exists()
+    r = subprocess.run(_recipe(cut), cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "base: resumed at step" in r.stdout and "tokenizers: done already" in r.stdout
+    assert _files(cut) == _files(ref)
+
+
+def test_compiled_base_step_matches_eager():
+    """The base stage's compiled forward and backward give eager's loss and gradients (fp32; the
+    fused kernels reorder sums, so within 1e-4 relative)."""
+    from flux_minimal.config import PRESETS
+    from flux_minimal.mmdit import Flux
+    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        pytest.skip("torch.compile on the CPU needs a C++ compiler")
+    torch.manual_seed(0)
+    model = Flux(PRESETS["mini"].flux)
+    B, L, T = 2, 128, 48
+    kw = dict(img=torch.randn(B, L, 192), img_ids=image_ids(B, 64, 128, down=4), txt=torch.randn(B, T, 64),
+              txt_ids=torch.zeros(B, T, 3), timesteps=torch.rand(B), y=torch.randn(B, 64), guidance=torch.ones(B))
+    grads = []
+    for fn in (model, torch.compile(model)):
+        model.zero_grad()
+        loss = fn(**kw).square().mean()
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (l0, g0), (l1, g1) = grads
+    assert torch.allclose(l0, l1, rtol=1e-4)
+    for a, b in zip(g0, g1):
+        assert (a - b).norm() <= 1e-4 * a.norm() + 1e-7
 
 
 class _LosslessVAE:
@@ -82,7 +151,7 @@ class _LosslessVAE:
 def test_vae_ceiling_scores_the_targets():
     """The ceiling row scores decode(encode(target)): lossless, every edit passes (the checker passes
     ground truth, tests/test_world.py); with the source instead of the target, none would."""
-    from train.mini_eval import vae_ceiling
+    from train.shapes.ablation import vae_ceiling
     examples = world.make_split(2 * len(world.EDIT_TYPES), 0, 64, split="heldout")
     outs, scores, nfe = vae_ceiling(_LosslessVAE(), examples)
     assert all(s.success for s in scores), [s for s in scores if not s.success]
@@ -92,7 +161,7 @@ def test_vae_ceiling_scores_the_targets():
 
 def test_eval_command_writes_the_table(tmp_path):
     """The README's evaluation command, at one edit per type: every row of the table, in order."""
-    from train.mini_eval import main as eval_main
+    from train.shapes.ablation import main as eval_main
     md = tmp_path / "table.md"
     assert eval_main(["--weights", str(MINI), "--per-type", "1", "--steps", "4", "--scaling", "2x2", "--best-of", "2",
                       "--md", str(md), "--grid", str(tmp_path / "grid.png")]) == 0
@@ -113,7 +182,7 @@ class _FakePipe:
 
 
 def test_copy_probe_separates_a_copy_from_a_blank():
-    from train.mini_probe import copy_fidelity
+    from train.shapes.probe import copy_fidelity
     kept, mae = copy_fidelity(_FakePipe(lambda src, prompt: src), n=6, steps=1)
     assert kept == 1.0 and mae == 0.0
     blank = world.render(world.Scene(world.Background("gray"), ()), 64)
@@ -125,13 +194,13 @@ def test_caption_probe_separates_reading_from_ignoring():
     """A pipeline that draws exactly the captioned right scene scores 100%; one that copies the left
     scene (ignores the caption) scores near the unrelated-scene baseline."""
     import numpy as np
-    from train.mini_probe import caption_reading
+    from train.shapes.probe import caption_reading
     rng = np.random.default_rng(778)  # the probe's scene stream: (left, right, unrelated) per sample
     right = {}
     for _ in range(8):
         a, b, _c = world.random_scene(rng), world.random_scene(rng), world.random_scene(rng)
         right[world.caption(b)] = b
-    draw = _FakePipe(lambda src, prompt: world.render(right[prompt.split("; right, ", 1)[1]], 64))
+    draw = _FakePipe(lambda src, prompt: world.render(right[prompt.split("On the right: ", 1)[1]], 64))
     named, unrelated = caption_reading(draw, n=8, steps=1)
     assert named == 1.0 and unrelated < 0.8
     named, unrelated = caption_reading(_FakePipe(lambda src, prompt: src), n=8, steps=1)

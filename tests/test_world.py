@@ -15,10 +15,10 @@ import pytest
 from PIL import Image, ImageFilter
 
 from flux_minimal.images import IC_PROMPT
-from train.world import (EDIT_TYPES, SHAPES, Obj, Scene, _fits, caption, make_edit, make_edit_record, make_split,
+from train.shapes.world import (EDIT_TYPES, SHAPES, Obj, Scene, _fits, caption, make_edit, make_edit_record, make_split,
                          object_masks, random_scene, read_pairs_folder, render, shape_coverage, unit_area, vocabulary,
                          world_text_corpus, write_pairs_folder)
-from train.world_check import check_edit
+from train.shapes.check import check_edit
 
 SEEDS = {64: 24, 128: 8}  # random edits per type and size: ~1,700 checks in all, ~20 s
 

@@ -1,10 +1,9 @@
 """Probe the mini world's bottlenecks: what caps edit success before any adapter is trained.
 
-    .venv/bin/python -m train.mini_probe --weights assets/mini              # ~20 s on 2 cores
-    .venv/bin/python -m train.mini_probe --size 128 --probes vae              # the VAE ceiling at 128 px
+    .venv/bin/python -m train.shapes.probe --weights assets/mini       # ~30 s on 2 cores
 
 Three figures, each a precondition of an instruction edit, measured on fresh scenes:
-  VAE ceiling      the edit checker (train/world_check.py) on held-out *targets* after a VAE round
+  VAE ceiling      the edit checker (train/shapes/check.py) on held-out *targets* after a VAE round
                    trip: every output leaves through the decoder, so no DiT can do better
   in-context copy  the base model asked for "the same scene" with the right half masked: the
                    fraction of each object's visible pixels that come back in its colour, and the MAE
@@ -20,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from infer.pipeline import ICEditPipeline
-from train import world
-from train.mini import SAME_SCENE_PROMPT, TWO_SCENES_PROMPT
-from train.mini_eval import summarize, vae_ceiling
+from train.shapes import world
+from train.shapes.recipe import SAME_SCENE_PROMPT, TWO_SCENES_PROMPT
+from train.shapes.ablation import summarize, vae_ceiling
 
 PALETTE = np.array(list(world.COLORS.values()), dtype=np.float64)  # [8, 3]
 NAMES = list(world.COLORS)
@@ -61,7 +60,7 @@ def caption_reading(pipe, n: int, steps: int, size: int = 64) -> tuple[float, fl
     named, unrelated = [], []
     for i in range(n):
         a, b, c = world.random_scene(rng), world.random_scene(rng), world.random_scene(rng)
-        prompt = TWO_SCENES_PROMPT.format(left=world.caption(a), right=world.caption(b))
+        prompt = TWO_SCENES_PROMPT.format(right=world.caption(b))
         with warnings.catch_warnings():  # long two-scene captions are cut to T5's length, as in training
             warnings.simplefilter("ignore")
             out = pipe.edit(world.render(a, size), "-", width=size, steps=steps, seed=i, template=prompt, progress=False)

@@ -22,14 +22,14 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from flux_minimal.images import IC_PROMPT
+from flux_minimal.files import write_text
+from flux_minimal.images import IC_PROMPT, save_png
 
 # Object colours: saturated and far apart (min pairwise RGB distance 81, yellow-orange).
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -480,12 +480,6 @@ def world_text_corpus(n: int, seed: int = 0) -> list[str]:
 # --- on disk --------------------------------------------------------------------------------------
 
 
-def _save_atomic(img: Image.Image, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)  # a reader never sees half a file
-
-
 def write_pairs_folder(folder: str | Path, examples: list[EditExample]) -> Path:
     """folder/pairs.jsonl (one line per pair: source, target, instruction, record) + src/ and tgt/
     PNGs. The images go first and pairs.jsonl is replaced last, so it only lists finished files."""
@@ -495,13 +489,10 @@ def write_pairs_folder(folder: str | Path, examples: list[EditExample]) -> Path:
     lines = []
     for i, ex in enumerate(examples):
         src, tgt = f"src/{i:05d}.png", f"tgt/{i:05d}.png"
-        _save_atomic(ex.source, folder / src)
-        _save_atomic(ex.target, folder / tgt)
+        save_png(ex.source, folder / src)  # atomic: a reader never sees half a file
+        save_png(ex.target, folder / tgt)
         lines.append(json.dumps({"source": src, "target": tgt, "instruction": ex.instruction, "record": ex.record.to_dict()}))
-    tmp = folder / "pairs.jsonl.tmp"
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, folder / "pairs.jsonl")
-    return folder / "pairs.jsonl"
+    return write_text(folder / "pairs.jsonl", "".join(line + "\n" for line in lines))
 
 
 def _load_rgb(path: Path) -> Image.Image:

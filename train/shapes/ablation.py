@@ -1,9 +1,9 @@
 """The paper's ablations in miniature (tables 3a and 3b) on held-out edits of the shapes world.
 
-    .venv/bin/python -m train.mini_eval --weights assets/mini --per-type 15 --grid assets/mini_results.png
+    .venv/bin/python -m train.shapes.ablation --weights assets/mini --per-type 20 --grid assets/mini_results.png
 
 Every held-out edit is done by each method and measured by the world's programmatic checker
-(train/world_check.py): edit success (done as asked AND everything else preserved) and the
+(train/shapes/check.py): edit success (done as asked AND everything else preserved) and the
 preservation error. Rows:
   target through the VAE  the ground-truth target encoded and decoded: every method's output leaves
                           through the VAE's decoder, so this row bounds them all (a perfect DiT)
@@ -23,11 +23,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from flux_minimal.files import check_output, write_text
 from flux_minimal.images import IC_PROMPT, save_png, to_pil, to_tensor
 from infer.judge import ScoreJudge
 from infer.pipeline import ICEditPipeline
-from train import world
-from train.world_check import check_edit, oracle_score_fn
+from train.shapes import world
+from train.shapes.check import check_edit, oracle_score_fn
 
 SEED_OFFSET = 1000  # sampler seeds, apart from the data seeds
 
@@ -38,18 +39,18 @@ def run_row(pipe, examples, *, steps, template=IC_PROMPT, candidates=1, early=0,
     for i, ex in enumerate(examples):
         seed = SEED_OFFSET + 97 * i
         if best_of > 1:  # every candidate to completion; the oracle keeps the best
-            cands = [pipe.edit(ex.source, ex.instruction, width=world_size(ex), steps=steps, seed=seed + k,
+            cands = [pipe.edit(ex.source, ex.instruction, width=scene_width(ex), steps=steps, seed=seed + k,
                                template=template, progress=False) for k in range(best_of)]
             s = [check_edit(ex.record, ex.source, c) for c in cands]
             k = int(np.argmax([x.score for x in s]))
             out, n = cands[k], best_of * steps
         elif candidates > 1:
-            out = pipe.edit(ex.source, ex.instruction, width=world_size(ex), steps=steps, seed=seed,
+            out = pipe.edit(ex.source, ex.instruction, width=scene_width(ex), steps=steps, seed=seed,
                             template=template, candidates=candidates, early_steps=early, preview=preview,
                             judge=ScoreJudge(oracle_score_fn(ex.record)), progress=False)
             n = pipe.last_report["nfe"]
         else:
-            out = pipe.edit(ex.source, ex.instruction, width=world_size(ex), steps=steps, seed=seed,
+            out = pipe.edit(ex.source, ex.instruction, width=scene_width(ex), steps=steps, seed=seed,
                             template=template, progress=False)
             n = steps
         outs.append(out)
@@ -65,7 +66,7 @@ def vae_ceiling(vae, examples):
     return outs, [check_edit(ex.record, ex.source, out) for ex, out in zip(examples, outs)], 0.0
 
 
-def world_size(ex) -> int:
+def scene_width(ex) -> int:
     return ex.source.width
 
 
@@ -90,7 +91,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def grid(examples, columns: list[tuple[str, list[Image.Image]]], path: Path, per_type: int) -> None:
+def grid(examples, columns: list[tuple[str, list[Image.Image]]], path: Path) -> None:
     """One example per edit type: source | each method | target, with the instruction."""
     picks = [next(i for i, ex in enumerate(examples) if ex.record.edit_type == t) for t in world.EDIT_TYPES]
     cols = [("source", [ex.source for ex in examples]), *columns, ("target", [ex.target for ex in examples])]
@@ -121,6 +122,9 @@ def main(argv=None) -> int:
     ap.add_argument("--md", type=Path, help="also write the table as markdown")
     args = ap.parse_args(argv)
 
+    for path in (args.md, args.grid):
+        if path is not None:
+            check_output(path)
     examples = world.make_split(args.per_type * len(world.EDIT_TYPES), args.seed, 64, split="heldout")
     w = args.weights
     pipes = {"base": ICEditPipeline.from_pretrained(w), "lora": ICEditPipeline.from_pretrained(w, lora=w / "lora.safetensors"),
@@ -146,9 +150,9 @@ def main(argv=None) -> int:
     md = table(rows)
     print("\n" + md)
     if args.md:
-        args.md.write_text(md + "\n")
+        write_text(args.md, md + "\n")
     if args.grid:
-        grid(examples, cols, args.grid, args.per_type)
+        grid(examples, cols, args.grid)
         print(f"grid: {args.grid}")
     return 0
 

@@ -1,0 +1,143 @@
+"""A resumable training loop for the mini recipe's own stages (text encoder, VAE, base model).
+
+AdamW with a linear warmup and a cosine decay to zero, an exponential moving average of the
+weights (what ships), gradient clipping, and atomic checkpoints every few minutes:
+
+    folder/step_0001200/model.safetensors      the weights ("model." and "ema." prefixes)
+                        optimizer.safetensors  AdamW's state, by parameter name
+                        state.json             step, seconds trained, recent losses
+    folder/latest                              the newest complete checkpoint
+    folder/snapshots/step_0001200.safetensors  the EMA every `snapshot_every` steps (learning curves)
+
+Exact resume: the learning rate is a function of the step, and every step draws its randomness from
+a generator seeded with (seed, step), so a stage killed at any moment and started again gives the
+same weights, bit for bit, as one that ran through (tests/test_shapes_recipe.py kills one).
+"""
+
+import copy
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from flux_minimal.files import save_safetensors
+from train.checkpoint import find_checkpoint, load_checkpoint, optimizer_state, restore_optimizer, save_checkpoint
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of one step: its batch, noise and timesteps depend on (seed, step) only."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % 2**63)
+
+
+@dataclass
+class LoopConfig:
+    steps: int
+    lr: float
+    warmup: float = 0.05  # fraction of the steps with a linear warmup
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.99)
+    clip: float = 1.0
+    ema: float = 0.999  # the EMA's decay (ramped up from 0 over the first steps, as (1 + n) / (10 + n))
+    save_every_s: float = 300.0  # a checkpoint this often (and at the end)
+    snapshot_every: int = 0  # keep the EMA every this many steps, for learning curves (0: never)
+    log_every: int = 100
+    seed: int = 0
+
+
+def lr_at(cfg: LoopConfig, step: int) -> float:
+    """The learning rate of step `step` (1-based): linear warmup, then cosine to zero."""
+    warm = max(1, int(cfg.warmup * cfg.steps))
+    if step <= warm:
+        return cfg.lr * step / warm
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm)))
+
+
+class Loop:
+    """Train `model` with `loss_fn(model, generator, step) -> loss` for cfg.steps steps in `folder`,
+    continuing from the folder's latest checkpoint if there is one. `run()` returns the EMA."""
+
+    def __init__(self, folder: Path, model: nn.Module, cfg: LoopConfig, compile: bool = False):
+        self.folder, self.model, self.cfg = Path(folder), model, cfg
+        self.ema = copy.deepcopy(model).eval().requires_grad_(False)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self.step, self.seconds, self.losses = 0, 0.0, []
+        # compiled once; the EMA and the checkpoints use the plain module
+        self.forward = torch.compile(model) if compile else model
+        if (self.folder / "latest").is_file():
+            self._resume()
+
+    def _resume(self) -> None:
+        weights, opt, state = load_checkpoint(self.folder, name="model")
+        self.model.load_state_dict({k[6:]: v for k, v in weights.items() if k.startswith("model.")})
+        self.ema.load_state_dict({k[4:]: v for k, v in weights.items() if k.startswith("ema.")})
+        restore_optimizer(self.model, self.opt, opt)
+        self.step, self.seconds, self.losses = state["step"], state["seconds"], state["losses"]
+        log(f"{self.folder.name}: resumed at step {self.step}/{self.cfg.steps} ({self.seconds / 60:.1f} min trained)")
+
+    def _save(self) -> None:
+        weights = {**{f"model.{k}": v for k, v in self.model.state_dict().items()},
+                   **{f"ema.{k}": v for k, v in self.ema.state_dict().items()}}
+        state = {"seconds": self.seconds, "losses": self.losses[-self.cfg.log_every:]}
+        final = save_checkpoint(self.folder, self.step, weights, optimizer_state(self.model, self.opt), state,
+                                name="model")
+        for old in self.folder.glob("step_*"):  # only the newest is needed to resume
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _update_ema(self) -> None:
+        decay = min(self.cfg.ema, (1 + self.step) / (10 + self.step))
+        with torch.no_grad():
+            torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1 - decay)
+
+    def run(self, loss_fn: Callable[[nn.Module, torch.Generator, int], Tensor]) -> nn.Module:
+        cfg, t_save = self.cfg, time.perf_counter()
+        self.model.train()
+        while self.step < cfg.steps:
+            t0 = time.perf_counter()
+            step = self.step + 1
+            for group in self.opt.param_groups:
+                group["lr"] = lr_at(cfg, step)
+            loss = loss_fn(self.forward, step_generator(cfg.seed, step), step)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.clip)
+            self.opt.step()
+            self.step = step
+            self._update_ema()
+            self.losses.append(loss.item())
+            self.seconds += time.perf_counter() - t0
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                log(f"{self.folder.name} step {step}/{cfg.steps}: loss {np.mean(self.losses[-cfg.log_every:]):.4f} "
+                    f"({self.seconds / 60:.1f} min, {1000 * self.seconds / step:.0f} ms/step)")
+            if cfg.snapshot_every and step % cfg.snapshot_every == 0:
+                (self.folder / "snapshots").mkdir(parents=True, exist_ok=True)
+                save_safetensors(self.ema.state_dict(), self.folder / "snapshots" / f"step_{step:07d}.safetensors",
+                                 {"seconds": f"{self.seconds:.1f}"})
+            if step == cfg.steps or time.perf_counter() - t_save >= cfg.save_every_s:
+                self._save()
+                t_save = time.perf_counter()
+        return self.ema
+
+
+def trained_seconds(folder: Path) -> float:
+    """Seconds a finished (or interrupted) loop in `folder` has trained, from its latest checkpoint."""
+    import json
+    return json.loads((find_checkpoint(folder) / "state.json").read_text())["seconds"]
+
+
+def load_ema(folder: Path) -> dict[str, Tensor]:
+    """The EMA weights of the latest checkpoint in `folder`."""
+    weights = load_file(find_checkpoint(folder) / "model.safetensors")
+    return {k[4:]: v for k, v in weights.items() if k.startswith("ema.")}
