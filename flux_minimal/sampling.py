@@ -8,7 +8,7 @@ H/d x W/d, tokens of 2d x 2d pixels and a mask of 4d^2 channels (the miniature m
     x_t = (1 - t) x0 + t noise, so v ~ noise - x0, t = 1 is pure noise and x0 = x_t - t v.
 
 Nothing about latents is written twice: training uses the same noise, packing, ids and
-conditioning (`train/train.py`).
+conditioning, and the objective is `flow_matching_mse` (`train/train.py`, the mini recipe).
 """
 
 import math
@@ -169,3 +169,16 @@ def noisy_sample(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
     """x_t = (1 - t) x0 + t noise, t [B] broadcast over [B, L, C]: the forward process for training."""
     t = t.view(-1, *([1] * (x0.ndim - 1)))
     return (1 - t) * x0 + t * noise
+
+
+def flow_matching_mse(model, x0: Tensor, noise: Tensor, t: Tensor, cond: Conditioning, guidance: Tensor,
+                      dtype: torch.dtype | None = None) -> Tensor:
+    """The training objective of FLUX and ICEdit (rectified flow), per sample: the model's velocity
+    at x_t = (1 - t) x0 + t noise against the target noise - x0, as a mean squared error [B] in
+    float32. x0, noise [B, L, 64]; t, guidance [B]; cond as at inference (Fill: img_cond is cat'ed
+    to x_t). Shared by fine-tuning (train/train.py) and the mini recipe's base stage."""
+    x_t = noisy_sample(x0, noise, t)
+    inp = x_t if cond.img_cond is None else torch.cat([x_t, cond.img_cond], dim=-1)
+    v = model(img=inp.to(dtype or x_t.dtype), img_ids=cond.img_ids, txt=cond.txt, txt_ids=cond.txt_ids, timesteps=t,
+              y=cond.vec, guidance=guidance)
+    return (v.float() - (noise - x0)).square().mean(dim=(1, 2))

@@ -37,7 +37,7 @@ from flux_minimal.errors import FluxMinimalError, run_cli
 from flux_minimal.images import make_diptych, right_half_mask, save_png, to_pil
 from flux_minimal.lora import add_lora, load_lora, lora_parameters, lora_state_dict, official_from_ours
 from flux_minimal.mmdit import load_flux, require_fill
-from flux_minimal.sampling import fill_conditioning, image_ids, noisy_sample, pack, vae_down
+from flux_minimal.sampling import Conditioning, fill_conditioning, flow_matching_mse, image_ids, pack, vae_down
 from flux_minimal.text import PromptEncoder
 from flux_minimal.vae import load_vae
 from flux_minimal.files import check_folder, save_safetensors
@@ -63,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--resolution", type=int, default=512, help="each image is resized to R x R")
     ap.add_argument("--optimizer", choices=["prodigy", "adamw"], default="prodigy")
     ap.add_argument("--lr", type=float, default=None, help="default: 1.0 for Prodigy, 1e-4 for AdamW")
+    ap.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                    help="cosine: 5%% linear warmup, then cosine decay to 0 at --steps (constant: the paper's)")
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--clip-grad", type=float, default=0.5)
     ap.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
@@ -86,6 +88,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def sample_generator(seed: int, g: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + g) % 2**63)
+
+
+def warmup_cosine(lr: float, step: int, steps: int, warmup: float = 0.05) -> float:
+    """The learning rate of step `step` (1-based) of `steps`: linear warmup, then cosine to zero.
+    A function of the step alone, so a resumed run follows the same schedule."""
+    warm = max(1, int(warmup * steps))
+    if step <= warm:
+        return lr * step / warm
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
 
 
 def make_optimizer(args, params: list[Tensor]) -> torch.optim.Optimizer:
@@ -164,13 +175,10 @@ def flow_loss(model, b: dict, R: int, nominal: int, dtype, down: int = 8) -> tup
     """ICEdit's loss for one micro-batch: sum over its samples / the nominal batch size (so a
     skipped sample counts as zero and N processes average to exactly the single-process loss).
     Returns (loss, per-sample MSE)."""
-    B = b["x0"].shape[0]
-    x_t = noisy_sample(b["x0"], b["eps"], b["t"])
-    txt_ids = torch.zeros(B, b["txt"].shape[1], 3, device=x_t.device)
-    v = model(img=torch.cat([x_t, b["cond"]], dim=-1).to(dtype), img_ids=image_ids(B, R, 2 * R, x_t.device, down),
-              txt=b["txt"], txt_ids=txt_ids, timesteps=b["t"], y=b["vec"],
-              guidance=torch.ones(B, device=x_t.device))  # guidance 1 in training
-    per_sample = (v.float() - (b["eps"] - b["x0"])).square().mean(dim=(1, 2))
+    B, dev = b["x0"].shape[0], b["x0"].device
+    cond = Conditioning(image_ids(B, R, 2 * R, dev, down), b["txt"], torch.zeros(B, b["txt"].shape[1], 3, device=dev),
+                        b["vec"], b["cond"])
+    per_sample = flow_matching_mse(model, b["x0"], b["eps"], b["t"], cond, torch.ones(B, device=dev), dtype)  # guidance 1
     return per_sample.sum() / nominal, per_sample.detach()
 
 
@@ -250,6 +258,7 @@ def main(argv=None) -> int:
         model = torch.compile(model)
     params = lora_parameters(flux)  # after sharding: FSDP replaces them with sharded ones
     optimizer = make_optimizer(args, params)
+    base_lr = optimizer.param_groups[0]["lr"]
     n_train = sum(p.numel() for p in params)
     if opt_state is not None:
         restore_optimizer(flux, optimizer, opt_state)
@@ -280,6 +289,9 @@ def main(argv=None) -> int:
                     bins[min(int(t * 4), 3)].append(l)
             (loss / args.grad_accum).backward()
         torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
+        if args.schedule == "cosine":
+            for group in optimizer.param_groups:
+                group["lr"] = warmup_cosine(base_lr, step + 1, args.steps)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1

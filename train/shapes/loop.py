@@ -15,7 +15,6 @@ same weights, bit for bit, as one that ran through (tests/test_shapes_recipe.py 
 """
 
 import copy
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from torch import Tensor, nn
 
 from flux_minimal.files import save_safetensors
 from train.checkpoint import find_checkpoint, load_checkpoint, optimizer_state, restore_optimizer, save_checkpoint
+from train.train import warmup_cosine
 
 
 def log(msg: str) -> None:
@@ -53,14 +53,6 @@ class LoopConfig:
     snapshot_every: int = 0  # keep the EMA every this many steps, for learning curves (0: never)
     log_every: int = 100
     seed: int = 0
-
-
-def lr_at(cfg: LoopConfig, step: int) -> float:
-    """The learning rate of step `step` (1-based): linear warmup, then cosine to zero."""
-    warm = max(1, int(cfg.warmup * cfg.steps))
-    if step <= warm:
-        return cfg.lr * step / warm
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm)))
 
 
 class Loop:
@@ -108,7 +100,7 @@ class Loop:
             t0 = time.perf_counter()
             step = self.step + 1
             for group in self.opt.param_groups:
-                group["lr"] = lr_at(cfg, step)
+                group["lr"] = warmup_cosine(cfg.lr, step, cfg.steps, cfg.warmup)
             loss = loss_fn(self.forward, step_generator(cfg.seed, step), step)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
