@@ -22,7 +22,7 @@ is mapped onto our modules through the same table that loads diffusers checkpoin
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -260,6 +260,97 @@ def _open_lora(path: Path) -> Checkpoint:
     return Checkpoint([path])
 
 
+@dataclass
+class _Found:
+    """The keys of one adapted (layer, part), whichever file layout they came from."""
+
+    A: dict[int, str] = field(default_factory=dict)  # expert index (0 for a plain LoRA) -> key
+    B: dict[int, str] = field(default_factory=dict)
+    alpha: str | None = None
+    route: str | None = None
+    moe: bool = False
+    stacked: bool = False  # our MoE files keep the experts in one [E, ...] tensor (A[0], B[0])
+
+
+def _find_ours(keys: list[str]) -> tuple[dict[Target, _Found], list[str]]:
+    """Our format: `<module>.lora_A.<part>` / `.lora_B.<part>` / `.alpha.<part>` (part "experts" for
+    MoE, stacked) and `<module>.lora_route`."""
+    found, unknown = {}, []
+    for k in keys:
+        m = _OURS.match(k)
+        if m is None:
+            unknown.append(k)
+            continue
+        mod = m["mod"] or m["rmod"]
+        moe = m["rmod"] is not None or m["part"] == "experts"
+        f = found.setdefault(Target(mod, 0 if moe else int(m["part"]), n_parts(mod)), _Found())
+        f.moe, f.stacked = f.moe or moe, f.stacked or moe
+        if m["rmod"]:
+            f.route = k
+        elif m["kind"] == "alpha":
+            f.alpha = k
+        else:
+            getattr(f, m["kind"][-1])[0] = k
+    return found, unknown
+
+
+def _find_official(keys: list[str]) -> tuple[dict[Target, _Found], list[str]]:
+    """The official diffusers/peft layout: `transformer.<diffusers module>.lora_A.weight` (or
+    `.lora_A.expert_<i>.weight`), `.lora_route.weight`, `.alpha`, mapped through the checkpoint table."""
+    found, unknown = {}, []
+    for k in keys:
+        m = _OFFICIAL.match(k)
+        target = diffusers_target(m["mod"]) if m else None
+        if target is None:
+            unknown.append(k)
+            continue
+        f = found.setdefault(target, _Found())
+        if m["route"]:
+            f.route, f.moe = k, True
+        elif m["alpha"]:
+            f.alpha = k
+        else:
+            getattr(f, m["kind"][-1])[int(m["e"] or 0)] = k
+            f.moe = f.moe or m["e"] is not None
+    return found, unknown
+
+
+def _set_experts(ckpt: Checkpoint, layer: LoRALinear, module: str, f: _Found, alpha: float | None) -> str | None:
+    """Install LoRA experts; returns what is wrong with them, if anything."""
+    def get(key: str) -> Tensor:
+        return ckpt.tensor(key).to(layer.weight.device, layer.weight.dtype)
+    idx = sorted(f.A)
+    if idx != list(range(len(idx))) or sorted(f.B) != idx:
+        return f"{module}: experts {idx} are incomplete (need lora_A and lora_B of 0..N-1)"
+    if f.route is None:
+        return f"{module}: LoRA experts without a lora_route"
+    if f.stacked:
+        A, B = get(f.A[0]), get(f.B[0])
+    else:
+        A, B = torch.stack([get(f.A[i]) for i in idx]), torch.stack([get(f.B[i]) for i in idx])
+    R = get(f.route)
+    if (A.shape[2] != layer.in_features or B.shape[1] != layer.out_features or A.shape[1] != B.shape[2]
+            or tuple(R.shape) != (A.shape[0], layer.in_features)):
+        return (f"{module}: experts A {list(A.shape)}, B {list(B.shape)}, route {list(R.shape)} do not fit a "
+                f"layer of {layer.in_features} -> {layer.out_features}")
+    layer.set_experts(A, B, R, alpha)
+    return None
+
+
+def _add_part(ckpt: Checkpoint, layer: LoRALinear, target: Target, f: _Found, alpha: float | None) -> str | None:
+    """Install one plain LoRA part; returns what is wrong with it, if anything."""
+    if set(f.A) != {0} or set(f.B) != {0}:
+        have = [n for n, d in (("lora_A", f.A), ("lora_B", f.B)) if d]
+        return f"{target.module} part {target.part}: needs both lora_A and lora_B, has {have}"
+    A, B = (ckpt.tensor(k).to(layer.weight.device, layer.weight.dtype) for k in (f.A[0], f.B[0]))
+    start, end = layer.rows[target.part]
+    if A.shape[1] != layer.in_features or B.shape[0] != end - start or A.shape[0] != B.shape[1]:
+        return (f"{f.A[0]}: A {list(A.shape)} and B {list(B.shape)} do not fit {target.module} "
+                f"(rows {start}:{end} of {layer.in_features} inputs)")
+    layer.add_part(target.part, A, swap_halves([B]) if target.swap else B, alpha)
+    return None
+
+
 def load_lora(model: Flux, path: "str | Path", scale: float = 1.0) -> dict[str, LoRALinear]:
     """Load a LoRA or MoE-LoRA file (official diffusers/peft layout, or ours) onto `model`.
 
@@ -270,82 +361,19 @@ def load_lora(model: Flux, path: "str | Path", scale: float = 1.0) -> dict[str, 
     ckpt = _open_lora(Path(path))
     keys = ckpt.keys()
     ours = all(_OURS.match(k) for k in keys) and not any(k.startswith("transformer.") for k in keys)
-    groups: dict[Target, dict] = {}
-    unknown, problems = [], []
-    for k in keys:
-        m = (_OURS if ours else _OFFICIAL).match(k)
-        if m is None:
-            unknown.append(k)
-            continue
-        d = m.groupdict()
-        if ours:
-            mod = d["mod"] or d["rmod"]
-            part = d.get("part") or "experts"
-            target = Target(mod, -1 if part == "experts" else int(part), n_parts(mod))
-            kind = "lora_route" if d["rmod"] else d["kind"]
-            entry = groups.setdefault(target, {})
-            entry[{"lora_A": "A", "lora_B": "B", "alpha": "alpha", "lora_route": "route"}[kind]] = k
-            if part == "experts":
-                entry["moe"] = True
-            continue
-        target = diffusers_target(d["mod"])
-        if target is None:
-            unknown.append(k)
-            continue
-        entry = groups.setdefault(target, {})
-        if d["route"]:
-            entry["route"] = k
-        elif d["alpha"]:
-            entry["alpha"] = k
-        elif d["e"] is not None:
-            entry.setdefault("experts", {}).setdefault(int(d["e"]), {})[d["kind"][-1]] = k
-        else:
-            entry[d["kind"][-1]] = k
+    found, unknown = (_find_ours if ours else _find_official)(keys)
     if unknown:
         raise WeightsError(f"{ckpt.name}: {len(unknown)} key(s) are not LoRA weights of the FLUX transformer "
                            f"(a LoRA for another base model, or for the text encoders?): {_listing(unknown)}")
-
-    def tensor(key: str, layer: LoRALinear) -> Tensor:
-        return ckpt.tensor(key).to(layer.weight.device, layer.weight.dtype)
-
-    loaded = {}
-    for target, entry in groups.items():
+    loaded, problems = {}, []
+    for target, f in found.items():
         layer = lora_layer(model, target.module, target.n_parts)
-        alpha = float(ckpt.tensor(entry["alpha"]).item()) if "alpha" in entry else None
-        if "experts" in entry or entry.get("moe"):
-            if ours:
-                A, B = tensor(entry["A"], layer), tensor(entry["B"], layer)
-            else:
-                idx = sorted(entry["experts"])
-                if idx != list(range(len(idx))) or any(set(entry["experts"][i]) != {"A", "B"} for i in idx):
-                    problems.append(f"{target.module}: experts {idx} are incomplete (need lora_A and lora_B of 0..N-1)")
-                    continue
-                A = torch.stack([tensor(entry["experts"][i]["A"], layer) for i in idx])
-                B = torch.stack([tensor(entry["experts"][i]["B"], layer) for i in idx])
-            if "route" not in entry:
-                problems.append(f"{target.module}: LoRA experts without a lora_route")
-                continue
-            R = tensor(entry["route"], layer)
-            if (A.shape[2] != layer.in_features or B.shape[1] != layer.out_features or A.shape[1] != B.shape[2]
-                    or tuple(R.shape) != (A.shape[0], layer.in_features)):
-                problems.append(f"{target.module}: experts A {list(A.shape)}, B {list(B.shape)}, route "
-                                f"{list(R.shape)} do not fit a layer of {layer.in_features} -> {layer.out_features}")
-                continue
-            layer.set_experts(A, B, R, alpha)
-        else:
-            if set(entry) - {"alpha"} != {"A", "B"}:
-                problems.append(f"{target.module} part {target.part}: needs both lora_A and lora_B, has "
-                                f"{sorted(set(entry) - {'alpha'})}")
-                continue
-            A, B = tensor(entry["A"], layer), tensor(entry["B"], layer)
-            start, end = layer.rows[target.part]
-            if A.shape[1] != layer.in_features or B.shape[0] != end - start or A.shape[0] != B.shape[1]:
-                problems.append(f"{entry['A']}: A {list(A.shape)} and B {list(B.shape)} do not fit "
-                                f"{target.module} (rows {start}:{end} of {layer.in_features} inputs)")
-                continue
-            if target.swap:
-                B = swap_halves([B])
-            layer.add_part(target.part, A, B, alpha)
+        alpha = float(ckpt.tensor(f.alpha).item()) if f.alpha else None
+        problem = (_set_experts(ckpt, layer, target.module, f, alpha) if f.moe
+                   else _add_part(ckpt, layer, target, f, alpha))
+        if problem:
+            problems.append(problem)
+            continue
         layer.scale = scale
         loaded[target.module] = layer
     if problems:

@@ -20,6 +20,7 @@ CLIP, as transformers' CLIPTokenizer does it (id for id; openai's CLIP minus ftf
 import json
 import unicodedata
 import warnings
+from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
@@ -134,6 +135,36 @@ GPT2_PATTERN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\
 # The specials are recognised in the raw text (before lower-casing), like HF's added tokens.
 SPECIALS = regex.compile(r"(<\|startoftext\|>|<\|endoftext\|>)")
 WHITESPACE = regex.compile(r"\s+")
+
+
+def learn_clip_merges(texts: list[str], n_merges: int, min_count: int = 2) -> list[tuple[str, str]]:
+    """A byte-level BPE learnt CLIP's way, for small vocabularies (the miniature model, tests): the
+    lower-cased texts' pre-tokens as byte symbols with </w> on each word's last one, then repeatedly
+    the most frequent adjacent pair is merged (ties: the larger pair), until n_merges or no pair
+    occurs min_count times."""
+    b2u = bytes_to_unicode()
+    counts = Counter(tok for t in texts for tok in CLIP_PATTERN.findall(t.lower()))
+    words = {tuple([*(b2u[b] for b in w.encode()[:-1]), b2u[w.encode()[-1]] + "</w>"]): n for w, n in counts.items()}
+    merges = []
+    while len(merges) < n_merges:
+        pairs = Counter()
+        for symbols, n in words.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] += n
+        if not pairs or max(pairs.values()) < min_count:
+            break
+        best = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))[0]
+        merges.append(best)
+        words = {tuple(merge_pair(list(symbols), best)): n for symbols, n in words.items()}
+    return merges
+
+
+def clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
+    """CLIP's vocabulary for a merge list, in openai's order: the 256 byte symbols, the same with
+    </w>, one token per merge, then <|startoftext|> and <|endoftext|> (so EOS is the last id)."""
+    symbols = list(bytes_to_unicode().values())
+    tokens = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in merges), BOS_TOKEN, EOS_TOKEN]
+    return {t: i for i, t in enumerate(tokens)}
 
 
 class CLIPTokenizer:

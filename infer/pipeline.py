@@ -226,8 +226,10 @@ class ICEditPipeline:
                 state = self.sample(job, state, guidance, progress=progress)
         with watch("decode"):
             out = self.decode(state.x, job)[0]
+        # it/s of the "denoise" stage: the winner of an x0-preview tournament resumes at early_steps
+        ran = steps - early_steps if candidates > 1 and preview == "x0" else steps
         report.update(nfe=state.nfe if candidates == 1 else report["nfe"], seconds=watch.seconds,
-                      total_seconds=time.perf_counter() - t0, it_per_s=steps / max(watch.seconds["denoise"], 1e-9),
+                      total_seconds=time.perf_counter() - t0, it_per_s=ran / max(watch.seconds["denoise"], 1e-9),
                       **peak_memory(self.device))
         self.last_report = report
         return out

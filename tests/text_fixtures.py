@@ -22,7 +22,7 @@ import random
 import subprocess
 import sys
 import zipfile
-from collections import Counter
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +31,7 @@ from transformers import CLIPTokenizer as HFCLIPTokenizer
 from transformers import T5Tokenizer as HFT5Tokenizer
 
 from flux_minimal import PRESETS
-from flux_minimal.tokenizers import bytes_to_unicode
+from flux_minimal.tokenizers import clip_vocab, learn_clip_merges
 from tests.helpers import randomize_
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,15 +120,6 @@ def hf_t5_tokenizer(spiece_path: Path, model_max_length: int = 512) -> HFT5Token
 
 # ---- CLIP: byte-level BPE ------------------------------------------------------------------------
 
-def clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
-    """CLIP's vocabulary for a merge list: 256 byte symbols, the same with </w>, one token per
-    merge, then <|startoftext|> and <|endoftext|> (openai's `SimpleTokenizer` order)."""
-    symbols = list(bytes_to_unicode().values())
-    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return {t: i for i, t in enumerate(tokens)}
-
-
 def write_clip_tokenizer(folder: Path, merges: list[tuple[str, str]], model_max_length: int = 77) -> Path:
     """vocab.json, merges.txt and the two json files of FLUX's tokenizer/ folder."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -144,40 +135,9 @@ def write_clip_tokenizer(folder: Path, merges: list[tuple[str, str]], model_max_
 
 
 def train_clip_merges(n_merges: int = 254, seed: int = 0) -> list[tuple[str, str]]:
-    """A tiny byte-level BPE learnt CLIP's way (pre-tokens of the lower-cased corpus, </w> on each
-    word's last symbol): repeatedly merge the most frequent adjacent pair (ties: the smaller pair)."""
-    from flux_minimal.tokenizers import CLIP_PATTERN
-
-    b2u = bytes_to_unicode()
-
-    def symbols(word: str) -> tuple[str, ...]:
-        s = [b2u[b] for b in word.encode("utf-8")]
-        return tuple(s[:-1] + [s[-1] + "</w>"])
-
-    counts = Counter(t for line in text_corpus(seed=seed) for t in CLIP_PATTERN.findall(line.lower()))
-    words = {symbols(w): c for w, c in counts.items()}
-    merges = []
-    while len(merges) < n_merges:
-        pairs = Counter()
-        for w, c in words.items():
-            for p in zip(w, w[1:]):
-                pairs[p] += c
-        if not pairs:
-            break
-        best = min(pairs, key=lambda p: (-pairs[p], p))
-        merges.append(best)
-        new = {}
-        for w, c in words.items():
-            out, i = [], 0
-            while i < len(w):
-                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
-                    out.append(w[i] + w[i + 1])
-                    i += 2
-                else:
-                    out.append(w[i])
-                    i += 1
-            new[tuple(out)] = new.get(tuple(out), 0) + c
-        words = new
+    """Exactly n_merges merges learnt on the test corpus with the product's learner (every pair
+    counts, even one seen once, so the tiny presets' vocabulary sizes are met)."""
+    merges = learn_clip_merges(text_corpus(seed=seed), n_merges, min_count=1)
     if len(merges) < n_merges:
         raise RuntimeError(f"the corpus allows only {len(merges)} merges")
     return merges

@@ -47,7 +47,8 @@ def _image(value, base: Path | None) -> Image.Image:
 
 
 class EditPairs:
-    """All pairs of one or more sources; `load(i, rng)` gives (diptych [3, R, 2R] in [-1, 1], prompt)."""
+    """All pairs of one or more sources. `sample(g, seed)` gives the g-th training sample as (pair index,
+    diptych [3, R, 2R] in [-1, 1], prompt); `diptych(i)` and `prompt(i, rng)` give its parts."""
 
     def __init__(self, paths: list["str | Path"], resolution: int = 512, drop_prompt_p: float = DROP_PROMPT_P):
         self.resolution, self.drop_prompt_p = resolution, drop_prompt_p
@@ -73,8 +74,9 @@ class EditPairs:
                 continue
             try:
                 rec = json.loads(line)
-                assert all(isinstance(rec.get(k), str) for k in ("source", "target", "instruction"))
-            except (json.JSONDecodeError, AssertionError):
+            except json.JSONDecodeError:
+                rec = None
+            if not (isinstance(rec, dict) and all(isinstance(rec.get(k), str) for k in ("source", "target", "instruction"))):
                 self.skipped[f"{f.name}:{n}: not a {{source, target, instruction}} line"] += 1
                 continue
             self.records.append(("pair", rec, f.parent))

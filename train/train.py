@@ -27,6 +27,7 @@ import os
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -199,28 +200,41 @@ def preview(flux, vae, text, data: EditPairs, R: int, steps: int, path: Path, de
                  {"instruction": instruction})
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    check_folder(args.out, "--out folder")  # before minutes of loading
-    # ---- processes and devices
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1:
+@dataclass
+class Procs:
+    """This process's place in the job (torchrun's environment; one process: size 1, rank 0)."""
+
+    size: int
+    rank: int
+    device: torch.device
+    dtype: torch.dtype  # the frozen base's
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def start_processes(args) -> Procs:
+    size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if size > 1:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     cuda = args.device.startswith("cuda") if args.device else torch.cuda.is_available()
-    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    main_proc = rank == 0
     torch.manual_seed(args.seed)
+    return Procs(size, rank, device, dtype)
 
-    # ---- the frozen base, and the adapter (fp32 master weights)
-    vae = load_vae(args.weights, device=device, dtype=torch.float32)
-    flux = load_flux(args.weights, device=device, dtype=dtype)
+
+def load_models(args, procs: Procs):
+    """The frozen base (VAE, DiT, text encoders) and the fresh adapter on it, in fp32 master weights."""
+    vae = load_vae(args.weights, device=procs.device, dtype=torch.float32)
+    flux = load_flux(args.weights, device=procs.device, dtype=procs.dtype)
     require_fill(flux, args.weights, vae_down(vae))
     flux.requires_grad_(False)
-    text = PromptEncoder.from_pretrained(args.weights, device=device, dtype=dtype, max_length=args.max_length)
+    text = PromptEncoder.from_pretrained(args.weights, device=procs.device, dtype=procs.dtype,
+                                         max_length=args.max_length)
     add_lora(flux, rank=args.rank, alpha=args.alpha, experts=args.experts if args.adapter == "moe" else 0,
              seed=args.seed)
     if args.init_lora:  # e.g. continue from a released adapter (ICEdit issue #40)
@@ -229,112 +243,148 @@ def main(argv=None) -> int:
         p.data = p.data.float()
         p.requires_grad_(True)
     flux.gradient_checkpointing = args.grad_checkpointing
-    flux.train()
+    return flux.train(), vae, text
 
-    step, samples_per_step, opt_state, trained = 0, args.batch * args.grad_accum * world, None, 0.0
-    if args.resume:  # the adapter goes in before any sharding; the optimizer state after
-        adapter, opt_state, state = load_checkpoint(args.resume)
-        names = lora_state_dict(flux)
-        with torch.no_grad():
-            for k, v in adapter.items():
-                if k in names and not k.rsplit(".", 2)[-2] == "alpha":
-                    names[k].copy_(v)
-        step, trained = state["step"], state.get("seconds", 0.0)
-        if state["samples_per_step"] != samples_per_step:
-            raise FluxMinimalError(f"{args.resume} was trained with {state['samples_per_step']} samples per step; "
-                                   f"this run has {samples_per_step} (batch x grad-accum x processes): keep them equal")
+
+def resume_adapter(args, flux, samples_per_step: int) -> tuple[int, float, dict | None]:
+    """Put a checkpoint's adapter into `flux` (before any sharding); returns (step, seconds trained,
+    optimizer state to restore after sharding), or a fresh start."""
+    if not args.resume:
+        return 0, 0.0, None
+    adapter, opt_state, state = load_checkpoint(args.resume)
+    if state["samples_per_step"] != samples_per_step:
+        raise FluxMinimalError(f"{args.resume} was trained with {state['samples_per_step']} samples per step; "
+                               f"this run has {samples_per_step} (batch x grad-accum x processes): keep them equal")
+    names = lora_state_dict(flux)
+    with torch.no_grad():
+        for k, v in adapter.items():
+            if k in names and not k.rsplit(".", 2)[-2] == "alpha":
+                names[k].copy_(v)
+    return state["step"], state.get("seconds", 0.0), opt_state
+
+
+def distribute(args, flux, procs: Procs):
+    """The module the loop calls: FSDP-sharded, DDP-wrapped or plain, compiled if asked."""
     model = flux
     if args.fsdp:  # shard every block (base and adapter) over the processes: for a base too big for one GPU
-        if world < 2:
+        if procs.size < 2:
             raise FluxMinimalError("--fsdp shards over processes: launch with torchrun --nproc_per_node N")
         from torch.distributed.fsdp import fully_shard
         for block in [*flux.double_blocks, *flux.single_blocks]:
             fully_shard(block)
         fully_shard(flux)
-    elif world > 1:  # DDP: every process holds the base; only the adapter's gradients are all-reduced
+    elif procs.size > 1:  # DDP: every process holds the base; only the adapter's gradients are all-reduced
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(flux, device_ids=[device.index] if device.type == "cuda" else None)
+        model = DDP(flux, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
     if args.compile:  # fused elementwise work (norms, modulation, RoPE, GELU): ~1.5x on small widths
         model = torch.compile(model)
+    return model
+
+
+class LossLog:
+    """Per-sample losses binned by t, written to OUT/log.jsonl and printed every --log-every steps."""
+
+    def __init__(self, args, procs: Procs, samples_per_step: int):
+        self.args, self.procs, self.samples_per_step = args, procs, samples_per_step
+        self.bins, self.t0 = defaultdict(list), time.perf_counter()
+
+    def add(self, t: Tensor, per_sample: Tensor) -> None:
+        for tk, lk in zip(t.tolist(), per_sample.tolist()):
+            self.bins[min(int(tk * 4), 3)].append(lk)
+
+    def write(self, step: int, trained: float, skipped: int, say) -> None:
+        every, losses = self.args.log_every, [v for b in self.bins.values() for v in b]
+        rec = {"step": step, "loss": sum(losses) / max(len(losses), 1),
+               "loss_by_t": {f"{T_BINS[k]:.2f}-{T_BINS[k + 1]:.2f}": sum(v) / len(v) for k, v in sorted(self.bins.items())},
+               "samples_per_s": self.samples_per_step * every / max(time.perf_counter() - self.t0, 1e-9),
+               "skipped": skipped, "seconds": trained}
+        if self.procs.device.type == "cuda":
+            rec["gpu_peak_gb"] = torch.cuda.max_memory_allocated(self.procs.device) / 2**30
+        with open(self.args.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        say(f"step {step}: loss {rec['loss']:.4f}, " + ", ".join(f"t {k} {v:.4f}" for k, v in rec["loss_by_t"].items()))
+        self.bins, self.t0 = defaultdict(list), time.perf_counter()
+
+
+def optimizer_step(args, model, batcher: Batcher, params, optimizer, base_lr: float, step: int, procs: Procs,
+                   down: int, log: LossLog) -> None:
+    """One step: --grad-accum micro-batches (each process its own samples), clipping, the schedule."""
+    for a in range(args.grad_accum):
+        g0 = ((step * args.grad_accum + a) * procs.size + procs.rank) * args.batch  # this micro-batch's samples
+        b = batcher.batch(g0, args.batch)
+        if b is None:  # every sample unreadable: a zero loss that still takes part in DDP
+            loss = sum(p.sum() for p in params) * 0.0
+        else:
+            loss, per = flow_loss(model, b, args.resolution, args.batch, procs.dtype, down)
+            log.add(b["t"], per)
+        (loss / args.grad_accum).backward()
+    torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
+    if args.schedule == "cosine":
+        for group in optimizer.param_groups:
+            group["lr"] = warmup_cosine(base_lr, step + 1, args.steps)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def export(args, flux, data: EditPairs, procs: Procs, step: int, seconds: float) -> None:
+    """The final adapter in our format and in the official one (every process gathers; rank 0 writes)."""
+    adapter = full_adapter(flux)
+    if not procs.main:
+        return
+    save_safetensors(adapter, args.out / "adapter.safetensors")
+    save_safetensors(official_from_ours(adapter), args.out / "pytorch_lora_weights.safetensors")
+    if data.skipped:
+        print(f"skipped {sum(data.skipped.values())} unreadable sample(s): {dict(data.skipped.most_common(5))}")
+    print(f"done: {step} steps in {seconds:.1f}s; adapter: {args.out / 'adapter.safetensors'}, "
+          f"official format: {args.out / 'pytorch_lora_weights.safetensors'}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    check_folder(args.out, "--out folder")  # before minutes of loading
+    procs = start_processes(args)
+    flux, vae, text = load_models(args, procs)
+    samples_per_step = args.batch * args.grad_accum * procs.size
+    step, trained, opt_state = resume_adapter(args, flux, samples_per_step)
+    model = distribute(args, flux, procs)
     params = lora_parameters(flux)  # after sharding: FSDP replaces them with sharded ones
     optimizer = make_optimizer(args, params)
-    base_lr = optimizer.param_groups[0]["lr"]
-    n_train = sum(p.numel() for p in params)
+    base_lr = optimizer.param_groups[0]["lr"]  # (--schedule cosine scales it)
     if opt_state is not None:
         restore_optimizer(flux, optimizer, opt_state)
-
     data = EditPairs(args.data, resolution=args.resolution)
-    batcher = Batcher(data, text, vae, device, dtype, args.seed, args.cache)
-    R = args.resolution
-    if main_proc:
-        print(f"{len(data)} pairs, {n_train / 1e6:.2f}M trainable parameters ({args.adapter}, rank {args.rank}), "
-              f"{world} process(es), {samples_per_step} samples/step, base {dtype}, start at step {step}")
-        args.out.mkdir(parents=True, exist_ok=True)
+    batcher = Batcher(data, text, vae, procs.device, procs.dtype, args.seed, args.cache)
+    if procs.main:
+        print(f"{len(data)} pairs, {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters ({args.adapter}, "
+              f"rank {args.rank}), {procs.size} process(es), {samples_per_step} samples/step, base {procs.dtype}, "
+              f"start at step {step}")
     bar = None
-    if main_proc and not args.no_progress:
+    if procs.main and not args.no_progress:
         from tqdm import tqdm
         bar = tqdm(total=args.steps, initial=step, unit="step")
-
-    bins, t0, log_t0 = defaultdict(list), time.perf_counter(), time.perf_counter()
+    log, t0 = LossLog(args, procs, samples_per_step), time.perf_counter()
     while step < args.steps:
         t_step = time.perf_counter()
-        for a in range(args.grad_accum):
-            g0 = ((step * args.grad_accum + a) * world + rank) * args.batch  # this micro-batch's samples
-            b = batcher.batch(g0, args.batch)
-            if b is None:  # every sample unreadable: a zero loss that still takes part in DDP
-                loss = sum(p.sum() for p in params) * 0.0
-            else:
-                loss, per = flow_loss(model, b, R, args.batch, dtype, vae_down(vae))
-                for t, l in zip(b["t"].tolist(), per.tolist()):
-                    bins[min(int(t * 4), 3)].append(l)
-            (loss / args.grad_accum).backward()
-        torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
-        if args.schedule == "cosine":
-            for group in optimizer.param_groups:
-                group["lr"] = warmup_cosine(base_lr, step + 1, args.steps)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        trained += time.perf_counter() - t_step
+        optimizer_step(args, model, batcher, params, optimizer, base_lr, step, procs, vae_down(vae), log)
+        step, trained = step + 1, trained + time.perf_counter() - t_step
         if bar is not None:
             bar.update(1)
-
-        if main_proc and (step % args.log_every == 0 or step == args.steps):
-            all_l = [l for v in bins.values() for l in v]
-            dt = time.perf_counter() - log_t0
-            rec = {"step": step, "loss": sum(all_l) / max(len(all_l), 1),
-                   "loss_by_t": {f"{T_BINS[k]:.2f}-{T_BINS[k + 1]:.2f}": sum(v) / len(v) for k, v in sorted(bins.items())},
-                   "samples_per_s": samples_per_step * args.log_every / max(dt, 1e-9), "skipped": sum(data.skipped.values()),
-                   "seconds": trained}
-            if device.type == "cuda":
-                rec["gpu_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-            with open(args.out / "log.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            msg = f"step {step}: loss {rec['loss']:.4f}, " + ", ".join(f"t {k} {v:.4f}" for k, v in rec["loss_by_t"].items())
-            (bar.write if bar else print)(msg)
-            bins, log_t0 = defaultdict(list), time.perf_counter()
+        if procs.main and (step % args.log_every == 0 or step == args.steps):
+            log.write(step, trained, sum(data.skipped.values()), bar.write if bar else print)
         if step % args.save_every == 0 or step == args.steps:  # (gathering is collective under FSDP)
             adapter, opt = full_adapter(flux), optimizer_state(flux, optimizer)
-            if main_proc:
+            if procs.main:
                 save_checkpoint(args.out, step, adapter, opt, {"samples_per_step": samples_per_step, "seconds": trained,
                                 "args": {k: str(v) for k, v in vars(args).items()}})
-        if args.preview_every and step % args.preview_every == 0 and (main_proc or args.fsdp):
-            preview(flux, vae, text, data, R, args.preview_steps, args.out / f"preview_{step:07d}.png", device,
-                    save=main_proc)
-        if world > 1:
+        if args.preview_every and step % args.preview_every == 0 and (procs.main or args.fsdp):
+            preview(flux, vae, text, data, args.resolution, args.preview_steps, args.out / f"preview_{step:07d}.png",
+                    procs.device, save=procs.main)
+        if procs.size > 1:
             dist.barrier()
-
-    adapter = full_adapter(flux)
-    if main_proc:
-        if bar is not None:
-            bar.close()
-        save_safetensors(adapter, args.out / "adapter.safetensors")
-        save_safetensors(official_from_ours(adapter), args.out / "pytorch_lora_weights.safetensors")
-        if data.skipped:
-            print(f"skipped {sum(data.skipped.values())} unreadable sample(s): {dict(data.skipped.most_common(5))}")
-        print(f"done: {step} steps in {time.perf_counter() - t0:.1f}s; adapter: {args.out / 'adapter.safetensors'}, "
-              f"official format: {args.out / 'pytorch_lora_weights.safetensors'}")
-    if world > 1:
+    if bar is not None:
+        bar.close()
+    export(args, flux, data, procs, step, time.perf_counter() - t0)
+    if procs.size > 1:
         dist.destroy_process_group()
     return 0
 

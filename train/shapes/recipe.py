@@ -29,7 +29,6 @@ import math
 import shutil
 import time
 import warnings
-from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -44,7 +43,7 @@ from flux_minimal.mmdit import Flux
 from flux_minimal.sampling import Conditioning, fill_conditioning, flow_matching_mse, image_ids, pack
 from flux_minimal.t5 import T5EncoderModel
 from flux_minimal.text import PromptEncoder
-from flux_minimal.tokenizers import BOS_TOKEN, CLIP_PATTERN, EOS_TOKEN, T5Tokenizer, bytes_to_unicode, merge_pair
+from flux_minimal.tokenizers import T5Tokenizer, clip_vocab, learn_clip_merges
 from flux_minimal.vae import AutoEncoder, load_vae, save_vae
 from train.shapes import world
 from train.shapes.loop import Loop, LoopConfig, load_ema, log
@@ -58,25 +57,6 @@ TWO_SCENES_PROMPT = "Two different scenes side by side. On the right: {right}"
 
 
 # ---- 1. tokenizers --------------------------------------------------------------------------------
-
-def learn_bpe(texts: list[str], n_merges: int) -> list[tuple[str, str]]:
-    """Byte-level BPE merges, CLIP style (pre-tokens lower-cased, the last symbol with </w>)."""
-    b2u = bytes_to_unicode()
-    words = Counter(tok for t in texts for tok in CLIP_PATTERN.findall(" ".join(t.split()).lower()))
-    vocab = {tuple([*(b2u[b] for b in w.encode()[:-1]), b2u[w.encode()[-1]] + "</w>"]): n for w, n in words.items()}
-    merges = []
-    for _ in range(n_merges):
-        pairs = Counter()
-        for syms, n in vocab.items():
-            for a, b in zip(syms, syms[1:]):
-                pairs[a, b] += n
-        if not pairs or pairs.most_common(1)[0][1] < 2:
-            break
-        best = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))[0]  # ties: deterministic
-        merges.append(best)
-        vocab = {tuple(merge_pair(list(syms), best)): n for syms, n in vocab.items()}
-    return merges
-
 
 def write_tokenizers(out: Path, corpus: list[str], n_pieces: int, n_merges: int, texts: list[str]) -> int:
     """tokenizer_2/spiece.model and tokenizer/{vocab.json, merges.txt}, learned on `corpus`; T5's padded
@@ -93,11 +73,9 @@ def write_tokenizers(out: Path, corpus: list[str], n_pieces: int, n_merges: int,
     max_length = int(math.ceil(longest * 1.2 / 8) * 8)  # room for unseen phrasings
     write_text(out / "tokenizer_2" / "tokenizer_config.json", json.dumps({"model_max_length": max_length}))
 
-    merges = learn_bpe(corpus, n_merges)
-    b2u = list(bytes_to_unicode().values())
-    vocab = [*b2u, *(s + "</w>" for s in b2u), *("".join(m) for m in merges), BOS_TOKEN, EOS_TOKEN]
+    merges = learn_clip_merges(corpus, n_merges)
     (out / "tokenizer").mkdir(parents=True, exist_ok=True)
-    write_text(out / "tokenizer" / "vocab.json", json.dumps({s: i for i, s in enumerate(vocab)}, ensure_ascii=False))
+    write_text(out / "tokenizer" / "vocab.json", json.dumps(clip_vocab(merges), ensure_ascii=False))
     write_text(out / "tokenizer" / "merges.txt", "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
     return max_length
 
@@ -113,9 +91,12 @@ def sized_preset(out: Path):
 
 
 def text_corpus(seed: int) -> list[str]:
-    """Everything the text side ever reads: captions, instructions, IC prompts, the base's prompts."""
+    """Everything the text side ever reads: captions, instructions, IC prompts, and the base model's
+    two prompt forms (drawn here on their own, so changing the base's tasks leaves the text alone)."""
     rng = np.random.default_rng([3, seed])
-    return world.world_text_corpus(4000, seed=seed) + [base_example(rng)[2] for _ in range(1000)]
+    base = [SAME_SCENE_PROMPT.format(caption=world.caption(world.random_scene(rng))) if k % 2 else
+            TWO_SCENES_PROMPT.format(right=world.caption(world.random_scene(rng))) for k in range(1000)]
+    return world.world_text_corpus(4000, seed=seed) + base
 
 
 # ---- 2. text encoders -----------------------------------------------------------------------------
