@@ -8,7 +8,7 @@
 
 No text projection (this is CLIPTextModel, 768-d) and no padding mask: the causal mask already
 hides everything after the first EOS from it, so the padding token cannot change the pooled
-output. Exact maths in ../shared/flux_facts.md section 6.
+output. Exact maths in docs/flux.md section 6.
 """
 
 from pathlib import Path
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .config import CLIPConfig, from_hf_config
 from .errors import WeightsError
-from .loading import WEIGHTS_HELP, Rule, load_state, open_checkpoint, read_config
+from .loading import WEIGHTS_HELP, Rule, load_state, open_component, read_config
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # openai CLIP's approximation
@@ -167,13 +167,8 @@ def load_clip(path: str | Path, device: str | torch.device = "cpu", dtype: torch
     """Load the CLIP text model from an HF folder (`config.json` + `model.safetensors`, or shards +
     index), a snapshot root holding `text_encoder/`, or a single .safetensors file (taken as
     ViT-L/14's text tower). dtype=None keeps the file's dtype. The weights are frozen."""
-    path = Path(path)
-    if path.is_dir() and (path / "text_encoder").is_dir():
-        path = path / "text_encoder"
-    if not path.exists():
-        raise WeightsError(f"{path}: no such CLIP file or folder. {WEIGHTS_HELP}")
-    ckpt = open_checkpoint(path, CLIP_SINGLE, CLIP_INDEX)
-    config = clip_config(path if path.is_dir() else None)
+    path, ckpt, folder = open_component(path, "text_encoder", "CLIP", CLIP_SINGLE, CLIP_INDEX)
+    config = clip_config(folder)
     with torch.device("meta"):
         model = CLIPTextModel(config)
     rules = []

@@ -175,6 +175,19 @@ def open_checkpoint(path: str | Path, single_names: tuple[str, ...], index_name:
     raise WeightsError(f"{path}: found neither {index_name} nor any of {list(single_names)}. {WEIGHTS_HELP}")
 
 
+def open_component(path: str | Path, subfolder: str, what: str, single_names: tuple[str, ...], index_name: str
+                   ) -> tuple[Path, Checkpoint, Path | None]:
+    """A text encoder's weights: `path` is its folder, a snapshot root holding `subfolder`/, or one
+    .safetensors file. Returns (the resolved path, its checkpoint, the folder to read config.json from
+    or None for a bare file)."""
+    path = Path(path)
+    if path.is_dir() and (path / subfolder).is_dir():
+        path = path / subfolder
+    if not path.exists():
+        raise WeightsError(f"{path}: no such {what} file or folder. {WEIGHTS_HELP}")
+    return path, open_checkpoint(path, single_names, index_name), path if path.is_dir() else None
+
+
 def read_config(folder: Path) -> dict | None:
     f = folder / "config.json"
     if not f.is_file():
@@ -220,6 +233,25 @@ def sources_of(key: str, rules: list[Rule]) -> tuple[list[str], Callable | None]
         if found is not None:
             return found, rule.combine
     return [key], None  # no rule: the checkpoint uses our name
+
+
+def split_by_rules(state: dict[str, Tensor], rules: list[Rule], their_shapes: dict[str, tuple[int, ...]]
+                   ) -> dict[str, Tensor]:
+    """The inverse of loading through `rules`: our tensors under the checkpoint's keys, fused rows
+    split back by the checkpoint's shapes (`their_shapes`), swapped halves swapped back. (Exports
+    our models to the diffusers layout, e.g. for the side-by-side benchmark.)"""
+    out = {}
+    for key, t in state.items():
+        sources, combine = sources_of(key, rules)
+        if combine is None:
+            out[sources[0]] = t
+        elif combine is swap_halves:
+            out[sources[0]] = swap_halves([t])
+        elif combine is cat_rows:
+            out.update(zip(sources, t.split([their_shapes[s][0] for s in sources], dim=0)))
+        else:
+            raise ValueError(f"{key}: its rule combines with {combine.__name__}, which has no inverse here")
+    return out
 
 
 def _combined_shape(shapes: list[tuple[int, ...]], combine) -> tuple[int, ...]:

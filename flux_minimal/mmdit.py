@@ -6,7 +6,7 @@
     38 x SingleStreamBlock: one stream x = [txt; img], attention and MLP in parallel
     final_layer(x[:, T:], vec) -> velocity [B, L, 64]
 
-Exact maths (and the traps) in ../shared/flux_facts.md sections 1 and 2.
+Exact maths (and the traps) in docs/flux.md sections 1 and 2.
 """
 
 from dataclasses import dataclass
@@ -249,7 +249,7 @@ class Flux(nn.Module):
 # ---- loading ------------------------------------------------------------------------------------
 
 # diffusers' FluxTransformer2DModel keys onto ours. Fused BFL weights are row concatenations of
-# diffusers' separate projections; the final norm's halves are swapped (flux_facts.md section 2.2).
+# diffusers' separate projections; the final norm's halves are swapped (docs/flux.md section 3.2).
 FLUX_FROM_DIFFUSERS = [
     Rule("img_in.{w}", "x_embedder.{w}"),
     Rule("txt_in.{w}", "context_embedder.{w}"),

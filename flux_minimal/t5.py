@@ -6,9 +6,9 @@
                            h = h + wo(gelu_new(wi_0 RMS(h)) * wi_1 RMS(h))    (gelu_new: tanh GELU)
     final_layer_norm(h) -> [B, L, d_model]   every position, pads included: FLUX attends to them
 
-Exact maths in ../shared/flux_facts.md section 5.
+Exact maths in docs/flux.md section 5.
 
-Precision. T5 v1.1 was trained in bfloat16 and its activations overflow float16 (flux_facts.md
+Precision. T5 v1.1 was trained in bfloat16 and its activations overflow float16 (docs/flux.md
 5.4). We compute in the weights' dtype for float32 and bfloat16 (bfloat16 is how BFL and diffusers
 run it, residual stream included, so our outputs follow theirs). Float16 weights are only *stored*
 in float16: the activations, the residual stream and every matmul run in float32, each Linear
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .config import T5Config, from_hf_config
 from .errors import WeightsError
-from .loading import WEIGHTS_HELP, Rule, load_state, open_checkpoint, read_config
+from .loading import WEIGHTS_HELP, Rule, load_state, open_component, read_config
 
 
 def compute_dtype(weight_dtype: torch.dtype) -> torch.dtype:
@@ -218,13 +218,8 @@ def load_t5(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
     `model.safetensors.index.json`), a snapshot root holding `text_encoder_2/`, or a single
     .safetensors file (taken as T5 v1.1 XXL). dtype=None keeps the file's dtype; float16 is safe
     (it computes in float32, see the module docstring). The weights are frozen."""
-    path = Path(path)
-    if path.is_dir() and (path / "text_encoder_2").is_dir():
-        path = path / "text_encoder_2"
-    if not path.exists():
-        raise WeightsError(f"{path}: no such T5 file or folder. {WEIGHTS_HELP}")
-    ckpt = open_checkpoint(path, T5_SINGLE, T5_INDEX)
-    config = t5_config(path if path.is_dir() else None)
+    path, ckpt, folder = open_component(path, "text_encoder_2", "T5", T5_SINGLE, T5_INDEX)
+    config = t5_config(folder)
     # A file without `shared.weight` may still hold the tied copy under the encoder's name.
     tied_only = "shared.weight" not in ckpt and "encoder.embed_tokens.weight" in ckpt
     rules = [Rule("shared.weight", "encoder.embed_tokens.weight")] if tied_only else []

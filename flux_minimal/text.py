@@ -6,7 +6,7 @@
 
 The same maths as BFL's `HFEmbedder` pair and diffusers' `FluxFillPipeline.encode_prompt`.
 Note that the T5 padding length changes the result (FLUX attends to the pads): diffusers' Fill
-pipeline uses 512, BFL's `cli_fill.py` 128 (flux_facts.md section 0, item 5).
+pipeline uses 512, BFL's `cli_fill.py` 128 (docs/flux.md section 1, item 5).
 """
 
 import gc

@@ -2,7 +2,7 @@
 
 Both are callables `tok(texts: list[str]) -> LongTensor [B, max_length]`, truncating and padding
 exactly as FLUX's pipelines call Hugging Face's tokenizers (`padding="max_length",
-truncation=True`), and warning when text is cut off. Facts in ../shared/flux_facts.md 6.4 and 7.
+truncation=True`), and warning when text is cut off. Facts in docs/flux.md section 7.
 
 T5: `spiece.model` holds its own normaliser (NFKC-like rules, the "▁" word prefix, whitespace
 folding), so we call the sentencepiece library instead of reimplementing it; then

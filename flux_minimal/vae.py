@@ -7,7 +7,7 @@
 Large inputs are processed in pieces so memory stays bounded (`AutoEncoder.max_pixels`): a batch is
 cut into chunks (exact), and one image too large by itself goes through overlapping tiles blended
 linearly (approximate, since GroupNorm and the mid-block attention then see one tile, not the
-image; tests/test_vae.py measures the error). Exact maths in ../shared/flux_facts.md section 4.
+image; tests/test_vae.py measures the error). Exact maths in docs/flux.md section 4.
 """
 
 import json
@@ -293,7 +293,7 @@ _ATTN = {"q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 
 
 def vae_from_diffusers(levels: int = 4) -> list[Rule]:
-    """diffusers AutoencoderKL keys onto ours (flux_facts.md 4.7); {i} is a ResNet within a level.
+    """diffusers AutoencoderKL keys onto ours (docs/flux.md 4.5); {i} is a ResNet within a level.
     The decoder's levels are numbered the other way round: our up.{n} is diffusers' up_blocks.{levels-1-n}.
     conv_in and conv_out keep their names (no rule)."""
     resnets = [(f"encoder.down.{n}.block.{{i}}", f"encoder.down_blocks.{n}.resnets.{{i}}") for n in range(levels)]

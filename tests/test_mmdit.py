@@ -11,6 +11,8 @@ from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpo
 from safetensors.torch import save_file
 
 from flux_minimal import PRESETS, Flux, FluxParams, load_flux
+from flux_minimal.loading import split_by_rules
+from flux_minimal.mmdit import FLUX_FROM_DIFFUSERS
 from tests.helpers import randomize_, rel_err
 
 
@@ -64,6 +66,19 @@ def test_tiny_diffusers_sharded_folder(tiny_pair):
     x = inputs(p)
     err = rel_err(run_ours(ours, x), run_diffusers(ref, x))
     assert err <= 1e-5, err
+
+
+def test_export_to_diffusers_layout(tiny_pair):
+    """split_by_rules inverts the key table: our model's tensors, split back into diffusers' names
+    and shapes, load strictly into FluxTransformer2DModel and give the same output bit for bit
+    (the benchmark builds its diffusers twin this way)."""
+    p, ref, folder = tiny_pair
+    ours = load_flux(folder)
+    twin = diffusers_flux(p).eval()
+    shapes = {k: tuple(v.shape) for k, v in twin.state_dict().items()}
+    twin.load_state_dict(split_by_rules(ours.state_dict(), FLUX_FROM_DIFFUSERS, shapes))
+    x = inputs(p)
+    assert torch.equal(run_diffusers(twin, x), run_diffusers(ref, x))
 
 
 def test_tiny_snapshot_root_and_bfl_file(tiny_pair, tmp_path):

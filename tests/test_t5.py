@@ -50,7 +50,7 @@ def hf_out(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def test_relative_position_bucket():
-    """Against the closed form of flux_facts.md 5.2 and HF's own function, over +-300 positions."""
+    """Against the closed form of docs/flux.md 5.2 and HF's own function, over +-300 positions."""
     n = torch.arange(-300, 301)
     ours = relative_position_bucket(n, 32, 128)
     a = n.abs()

@@ -16,11 +16,12 @@ import torch
 from diffusers import FluxFillPipeline
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+from flux_minimal.images import IC_PROMPT
 from flux_minimal import PRESETS, FluxMinimalError, PromptEncoder, WeightsError
 from tests.helpers import randomize_, rel_err
-from tests.text_fixtures import IC_TEMPLATE, hf_t5_config, write_tiny_text_components
+from tests.text_fixtures import hf_t5_config, write_tiny_text_components
 
-PROMPTS = [IC_TEMPLATE.format("make the sky purple"), "Turn the cat into a tiger, please! 2 cats, café 東京 😀"]
+PROMPTS = [IC_PROMPT.format(instruction="make the sky purple"), "Turn the cat into a tiger, please! 2 cats, café 東京 😀"]
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,14 @@ import sentencepiece as spm
 import torch
 from transformers import CLIPTokenizer as HFCLIPTokenizer
 
+from flux_minimal.images import IC_PROMPT
 from flux_minimal import CLIPTokenizer, T5Tokenizer, WeightsError
 from flux_minimal.tokenizers import bytes_to_unicode
-from tests.text_fixtures import (CLIP_VOCAB_HELP, IC_TEMPLATE, hf_t5_tokenizer, real_clip_vocab, train_clip_merges,
+from tests.text_fixtures import (CLIP_VOCAB_HELP, hf_t5_tokenizer, real_clip_vocab, train_clip_merges,
                                  train_spiece, write_clip_tokenizer)
 
 CORPUS = [
-    "a photo of a cat", "Make the sky PURPLE!!!", IC_TEMPLATE.format("turn the cat into a tiger"),
+    "a photo of a cat", "Make the sky PURPLE!!!", IC_PROMPT.format(instruction="turn the cat into a tiger"),
     "hello--world...!? (parens) [brackets] {braces} #hash @at $5 100% a+b=c", "'quoted' \"double\" `back`",
     "don't it's we're they've I'm you'll he'd DON'T IT'S", "it''s 'S 'LL ab'sx",
     "12345 3.14 1,000,000 2024-06-01 10:30", "café naïve résumé Ångström Straße", "e\u0301 (combining accent)",

@@ -60,7 +60,7 @@ def flux(tmp_path_factory):
 def test_names_and_shapes_are_ae_safetensors():
     with torch.device("meta"):
         sd = AutoEncoder(FLUX).state_dict()
-    assert len(sd) == 244 and sum(v.numel() for v in sd.values()) == 83_819_683  # flux_facts.md 4.1
+    assert len(sd) == 244 and sum(v.numel() for v in sd.values()) == 83_819_683  # docs/flux.md 4.1
     for key, shape in {"encoder.conv_in.weight": (128, 3, 3, 3), "encoder.down.0.block.0.norm1.weight": (128,),
                        "encoder.down.1.block.0.nin_shortcut.weight": (256, 128, 1, 1),
                        "encoder.down.2.downsample.conv.weight": (512, 512, 3, 3),

@@ -31,12 +31,11 @@ from transformers import CLIPTokenizer as HFCLIPTokenizer
 from transformers import T5Tokenizer as HFT5Tokenizer
 
 from flux_minimal import PRESETS
+from flux_minimal.images import IC_PROMPT
 from flux_minimal.tokenizers import clip_vocab, learn_clip_merges
 from tests.helpers import randomize_
 
 REPO = Path(__file__).resolve().parents[1]
-IC_TEMPLATE = ("A diptych with two side-by-side images of the same scene. On the right, the scene is exactly "
-               "the same as on the left but {}")
 _WORDS = ("make turn add remove replace keep change the a an sky purple red green blue cat dog tiger car bicycle "
           "mountain snow rain sun moon person people left right side image photo picture background style "
           "painting watercolor cartoon anime realistic night day bright dark please into with of on in at to "
@@ -49,7 +48,7 @@ def text_corpus(n: int = 2000, seed: int = 0) -> list[str]:
     """Prompt-like lines (the in-context template among them) to train the tiny tokenizers on."""
     rng = random.Random(seed)
     lines = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 15))) for _ in range(n)]
-    return lines + [IC_TEMPLATE.format(line) for line in lines[:50]]
+    return lines + [IC_PROMPT.format(instruction=line) for line in lines[:50]]
 
 
 # ---- T5: sentencepiece ---------------------------------------------------------------------------

@@ -18,18 +18,8 @@ from safetensors.torch import save_file
 
 from flux_minimal import PRESETS, AutoEncoderParams
 from flux_minimal.vae import AutoEncoder
+from infer.bench import diffusers_vae_config  # noqa: F401 (the tests use it from here too)
 from tests.helpers import randomize_
-
-
-def diffusers_vae_config(p: AutoEncoderParams) -> dict:
-    """The AutoencoderKL arguments of a configuration (FLUX's own vae/config.json for the default)."""
-    n = len(p.ch_mult)
-    return dict(in_channels=p.in_channels, out_channels=p.out_ch, down_block_types=("DownEncoderBlock2D",) * n,
-                up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(p.ch * m for m in p.ch_mult),
-                layers_per_block=p.num_res_blocks, act_fn="silu", latent_channels=p.z_channels,
-                norm_num_groups=p.num_groups, sample_size=1024, scaling_factor=p.scale_factor,
-                shift_factor=p.shift_factor, use_quant_conv=False, use_post_quant_conv=False,
-                mid_block_add_attention=True, force_upcast=True)
 
 
 def write_tiny_vae_folder(folder: str | Path, p: AutoEncoderParams | None = None, std: float = 0.05,

@@ -11,7 +11,7 @@
     # continue a run exactly where it stopped (adapter, optimizer, data position)
     ... --resume runs/moe
 
-The objective, exactly ICEdit's (icedit_facts.md): x0 = the VAE latent of [source | target],
+The objective, exactly ICEdit's (README, "Fine-tuning"): x0 = the VAE latent of [source | target],
 t = sigmoid(randn), x_t = (1 - t) x0 + t eps, the model sees cat(x_t, masked latent, mask) with
 guidance 1, and the loss is MSE(v, eps - x0) over the whole diptych latent. Noise, packing, ids
 and conditioning are flux_minimal.sampling's, as at inference.
