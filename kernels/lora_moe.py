@@ -155,6 +155,35 @@ def _mm(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _tile_rows(tile, order_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr, BLOCK_T: tl.constexpr):
+    """One tile of the grouping: its expert, its [start, end) in the sorted order, and its tokens
+    (the rows to gather, masked past `end`)."""
+    e = tl.load(tile_expert_ptr + tile)
+    start = tl.load(tile_start_ptr + tile)
+    end = tl.load(tile_end_ptr + tile)
+    pos = start + tl.arange(0, BLOCK_T)
+    row_mask = pos < end
+    tok = tl.load(order_ptr + pos, mask=row_mask, other=0).to(tl.int64)  # gathered rows
+    return e, start, end, row_mask, tok
+
+
+@triton.jit
+def _gather_dot(acc, inp_ptr, stride_it, stride_id, tok, row_mask, w_ptr, stride_wd, stride_wc, offs_c, c_mask,
+                d_lo, d_hi, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + inp[tok, d_lo:d_hi] @ w[d_lo:d_hi, offs_c]: the tile's gathered rows times a weight
+    slice, over the reduction in BLOCK_D steps (no step when d_hi <= d_lo)."""
+    for d0 in range(d_lo, d_hi, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < d_hi
+        a = tl.load(inp_ptr + tok[:, None] * stride_it + offs_d[None, :] * stride_id,
+                    mask=row_mask[:, None] & d_mask[None, :], other=0.0)      # (BT, BD)
+        w = tl.load(w_ptr + offs_d[:, None] * stride_wd + offs_c[None, :] * stride_wc,
+                    mask=d_mask[:, None] & c_mask[None, :], other=0.0)        # (BD, BC)
+        acc = _mm(a, w, acc, UPCAST, PRECISION)
+    return acc
+
+
+@triton.jit
 def _lora_down_kernel(
     inp_ptr, stride_it, stride_id,        # (T, D) activations: x (fwd) or dy (bwd)
     w_ptr, stride_we, stride_wr, stride_wd,  # (E, R, D) down weight: A, or B^T per expert (bwd)
@@ -167,27 +196,15 @@ def _lora_down_kernel(
     # part[s, t, :] = sum_{d in split s} inp[t, d] * w[e_t, :, d]   for the tokens t of one tile
     tile = tl.program_id(0)
     split = tl.program_id(1)
-    e = tl.load(tile_expert_ptr + tile)
-    start = tl.load(tile_start_ptr + tile)
-    end = tl.load(tile_end_ptr + tile)
-    pos = start + tl.arange(0, BLOCK_T)
-    row_mask = pos < end
-    tok = tl.load(order_ptr + pos, mask=row_mask, other=0).to(tl.int64)  # gathered rows
+    e, start, end, row_mask, tok = _tile_rows(tile, order_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr, BLOCK_T)
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < R  # r < 16 or not a power of two: padded with zeros
     d_lo = split * d_per_split
     d_hi = tl.minimum(d_lo + d_per_split, D)
     d_hi = tl.where(end > start, d_hi, d_lo)  # padding tiles skip the loop
-    w_base = w_ptr + e.to(tl.int64) * stride_we
-    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-    for d0 in range(d_lo, d_hi, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_mask = offs_d < d_hi
-        a = tl.load(inp_ptr + tok[:, None] * stride_it + offs_d[None, :] * stride_id,
-                    mask=row_mask[:, None] & d_mask[None, :], other=0.0)      # (BT, BD)
-        w = tl.load(w_base + offs_d[:, None] * stride_wd + offs_r[None, :] * stride_wr,
-                    mask=d_mask[:, None] & r_mask[None, :], other=0.0)        # (BD, BR)
-        acc = _mm(a, w, acc, UPCAST, PRECISION)
+    acc = _gather_dot(tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32), inp_ptr, stride_it, stride_id, tok, row_mask,
+                      w_ptr + e.to(tl.int64) * stride_we, stride_wd, stride_wr, offs_r, r_mask, d_lo, d_hi,
+                      BLOCK_D, UPCAST, PRECISION)
     tl.store(part_ptr + split * stride_ps + tok[:, None] * stride_pt + offs_r[None, :], acc,
              mask=row_mask[:, None] & r_mask[None, :])
 
@@ -209,27 +226,15 @@ def _lora_up_kernel(
     # out[t, o] = (HAS_BASE ? inp[t] @ wb[:, o] + bias[o] : out[t, o]) + scale * h[t] @ u[e_t, :, o]
     pid_o = tl.program_id(0)  # fastest: neighbouring programs share the tile's rows
     tile = tl.program_id(1)
-    e = tl.load(tile_expert_ptr + tile)
-    start = tl.load(tile_start_ptr + tile)
-    end = tl.load(tile_end_ptr + tile)
-    pos = start + tl.arange(0, BLOCK_T)
-    row_mask = pos < end
-    tok = tl.load(order_ptr + pos, mask=row_mask, other=0).to(tl.int64)
+    e, start, end, row_mask, tok = _tile_rows(tile, order_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr, BLOCK_T)
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     o_mask = offs_o < O
     out_ptrs = out_ptr + tok[:, None] * stride_ot + offs_o[None, :] * stride_oo
     out_mask = row_mask[:, None] & o_mask[None, :]
     if HAS_BASE:
-        acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
-        d_end = tl.where(end > start, D, 0)
-        for d0 in range(0, d_end, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            d_mask = offs_d < D
-            a = tl.load(inp_ptr + tok[:, None] * stride_it + offs_d[None, :] * stride_id,
-                        mask=row_mask[:, None] & d_mask[None, :], other=0.0)  # (BT, BD)
-            w = tl.load(wb_ptr + offs_d[:, None] * stride_bd + offs_o[None, :] * stride_bo,
-                        mask=d_mask[:, None] & o_mask[None, :], other=0.0)    # (BD, BO)
-            acc = _mm(a, w, acc, UPCAST, PRECISION)
+        d_end = tl.where(end > start, D, 0)  # padding tiles skip the loop
+        acc = _gather_dot(tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32), inp_ptr, stride_it, stride_id, tok,
+                          row_mask, wb_ptr, stride_bd, stride_bo, offs_o, o_mask, 0, d_end, BLOCK_D, UPCAST, PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)[None, :]
     else:

@@ -240,3 +240,22 @@ def test_generic_top_level_names_do_not_clash(tmp_path):
     assert all(Path(f).is_relative_to(REPO) for f in r.stdout.split())
     r = subprocess.run([sys.executable, "-m", "infer.edit", "--help"], cwd=REPO, capture_output=True, text=True, env=env)
     assert r.returncode == 0 and "--instruction" in r.stdout
+
+
+@pytest.mark.parametrize("command", [
+    ["train.mini", "--out", "{fifo}"],
+    ["train.train", "--weights", "nowhere", "--data", "nowhere", "--steps", "1", "--out", "{fifo}"],
+    ["train.shapes.ablation", "--weights", "nowhere", "--grid", "/dev/null"],
+    ["train.shapes.curve", "--work", "nowhere", "--png", "{tmp}"],
+])
+def test_every_writer_refuses_bad_outputs_first(command, tmp_path):
+    """The recipe, fine-tuning, the ablation table and the learning curve check their outputs the
+    same way as the editing CLI, before any work: one line, exit status 2, the FIFO left as it is."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    args = [a.format(fifo=fifo, tmp=tmp_path) for a in command]
+    r = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert any(s in r.stderr for s in ("is not a folder", "a character device", "is a folder")), r.stderr
+    assert fifo.exists() and not fifo.is_file()

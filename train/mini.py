@@ -3,7 +3,9 @@
     .venv/bin/python -m train.mini --out assets/mini       # the shipped weights; run again to continue
 """
 
+from flux_minimal.errors import run_cli
+
 from train.shapes.recipe import main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_cli(main)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from flux_minimal.errors import run_cli
 from flux_minimal.files import check_output, write_text
 from flux_minimal.images import IC_PROMPT, save_png, to_pil, to_tensor
 from infer.judge import ScoreJudge
@@ -158,4 +159,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_cli(main)

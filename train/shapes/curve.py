@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from flux_minimal.errors import run_cli
 from flux_minimal.files import check_output
 from flux_minimal.images import save_png
 from flux_minimal.lora import load_lora
@@ -118,4 +119,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_cli(main)

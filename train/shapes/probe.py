@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from infer.pipeline import ICEditPipeline
+from flux_minimal.errors import run_cli
+
 from train.shapes import world
 from train.shapes.recipe import SAME_SCENE_PROMPT, TWO_SCENES_PROMPT
 from train.shapes.ablation import summarize, vae_ceiling
@@ -103,4 +105,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_cli(main)

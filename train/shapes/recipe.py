@@ -37,6 +37,7 @@ import torch
 
 from flux_minimal.clip import CLIPTextModel
 from flux_minimal.config import PRESETS
+from flux_minimal.errors import run_cli
 from flux_minimal.files import check_folder, save_safetensors, write_text
 from flux_minimal.images import IC_PROMPT, make_diptych, save_png, to_tensor
 from flux_minimal.mmdit import Flux
@@ -381,4 +382,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_cli(main)
