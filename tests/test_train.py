@@ -119,10 +119,17 @@ def test_ddp_two_processes_equal_one_with_double_batch(snapshot, tmp_path):
                     *COMMON, "--batch", "1", *args], cwd=REPO, check=True, env=env, capture_output=True)
     assert train(snapshot, data, tmp_path / "one", "--batch", "2", *args) == 0
     a, b = load_file(tmp_path / "ddp" / "adapter.safetensors"), load_file(tmp_path / "one" / "adapter.safetensors")
-    # The all-reduce sums in another order than one batch's mean (~1e-7 on the gradients); Adam's
-    # scale-free update m / sqrt(v) enlarges that on near-zero gradients: ~1e-5 measured after 3 steps.
+    # The all-reduce sums in another order than one batch's mean (~1e-7 relative on the gradients).
+    # Adam's first update is lr * g / (|g| + eps): an element whose gradient is ~eps (1e-8), i.e. all
+    # rounding, moves by a rounding-dependent fraction of lr (measured: 1 element in 768 off by 0.05 lr,
+    # the rest within 1e-5 relative). So: per tensor, at most 0.5% of the elements beyond 1e-4 of the
+    # tensor's scale and none beyond lr. A DDP bug (unaveraged or repeated samples) moves most elements
+    # by ~lr.
+    lr = 1e-3
     for k in a:
-        assert rel_err(a[k], b[k]) <= 1e-4, (k, rel_err(a[k], b[k]))
+        d = (a[k] - b[k]).abs()
+        off = (d > 1e-4 * b[k].abs().max()).float().mean().item()
+        assert off <= 0.005 and d.max() <= lr, (k, off, d.max().item())
 
 
 @pytest.mark.slow
