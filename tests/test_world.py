@@ -1,4 +1,4 @@
-"""The shapes world (train/world.py) and its edit checker (train/world_check.py).
+"""The shapes world (train/shapes/world.py) and its edit checker (train/shapes/check.py).
 
 The checker is the oracle judge of the miniature ICEdit, so it is held to both sides: the ground
 truth target passes with a near-perfect score and every unchanged source fails, for every edit type,

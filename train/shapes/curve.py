@@ -74,7 +74,8 @@ def plot(series: dict[str, list[tuple[float, float]]], marks: dict[str, float], 
     for k in range(0, 101, 20):
         d.line([(left, Y(k / 100)), (W - right, Y(k / 100))], fill=(225, 225, 225))
         d.text((left - 30, Y(k / 100) - 6), f"{k}%", fill="black")
-    for h in np.arange(0, x_max, 0.5):
+    step = next(s for s in (0.1, 0.25, 0.5, 1.0, 2.0) if x_max / s <= 12)
+    for h in np.arange(0, x_max, step):
         d.text((X(h) - 8, H - bottom + 6), f"{h:g}", fill="black")
     d.text(((W - right) // 2 - 40, H - 18), "hours of training, 2 CPU cores", fill="black")
     for name, x in marks.items():
@@ -82,7 +83,7 @@ def plot(series: dict[str, list[tuple[float, float]]], marks: dict[str, float], 
             d.line([(X(x), y), (X(x), y + 4)], fill=(150, 150, 150))
         d.text((X(x) + 3, top), name, fill=(110, 110, 110))
     for i, (name, pts) in enumerate(series.items()):
-        xy = [(X(x), Y(y)) for x, y in pts]
+        xy = [(X(x), Y(y)) for x, y in pts if np.isfinite(y)]  # a probe with nothing to measure is left out
         if len(xy) > 1:
             d.line(xy, fill=COLORS[name], width=2)
         for x, y in xy:

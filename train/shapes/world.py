@@ -1,10 +1,10 @@
 """The shapes world: a procedural edit dataset a miniature ICEdit trains and is judged on, on a CPU.
 
-Like nanoGPT's Shakespeare: small enough to train in about an hour, rich enough to show whether the
-in-context editing recipe works. A scene is a background (a colour and a style) and 1-4 flat shapes;
-an edit turns a source scene into a target scene and says so in one instruction, for each of the
-paper's edit types: remove, add, replace (swap), color, size, background (style), move (the
-paper's known-hard one). The judge for a model's output is `train/world_check.py`.
+Like nanoGPT's Shakespeare: small enough to train on a CPU in a few hours, rich enough to show
+whether the in-context editing recipe works. A scene is a background (a colour and a style) and
+1-4 flat shapes; an edit turns a source scene into a target scene and says so in one instruction,
+for each of the paper's edit types: remove, add, replace (swap), color, size, background (style),
+move (the paper's known-hard one). The judge for a model's output is `train/shapes/check.py`.
 
     rng = np.random.default_rng(0)
     ex = make_edit(rng, "color", size=64)        # ex.source, ex.target (PIL), ex.instruction, ex.record
