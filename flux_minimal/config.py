@@ -66,20 +66,25 @@ class AutoEncoderParams:
 
 @dataclass
 class T5Config:
+    """T5 v1.1 XXL's encoder (FLUX's text_encoder_2/config.json), transformers' field names."""
+
     vocab_size: int = 32128
-    d_model: int = 4096
-    d_kv: int = 64
-    d_ff: int = 10240
+    d_model: int = 4096  # the residual stream's width
     num_layers: int = 24
     num_heads: int = 64
+    d_kv: int = 64  # per head: 64 heads x 64 = d_model
+    d_ff: int = 10240
+    feed_forward_proj: str = "gated-gelu"  # T5 v1.1: wo(gelu_new(wi_0 x) * wi_1 x); the only one we build
+    # positions enter as a learned bias per (head, bucket) in the first layer's attention, shared by all
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
-    layer_norm_epsilon: float = 1e-6
-    feed_forward_proj: str = "gated-gelu"  # T5 v1.1: wo(gelu_new(wi_0 x) * wi_1 x); the only one we build
+    layer_norm_epsilon: float = 1e-6  # RMSNorm, no mean, no bias
 
 
 @dataclass
 class CLIPConfig:
+    """CLIP ViT-L/14's text tower (FLUX's text_encoder/config.json), transformers' field names."""
+
     vocab_size: int = 49408
     hidden_size: int = 768
     intermediate_size: int = 3072
