@@ -48,8 +48,7 @@ def _refuse_existing(path: Path, what: str) -> None:
 
 
 def _temp_beside(path: Path) -> tuple[int, str]:
-    folder = path.parent if str(path.parent) else Path(".")
-    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # Path("x").parent is "."
 
 
 def check_output(path: "str | Path", what: str = "output") -> None:
@@ -57,7 +56,7 @@ def check_output(path: "str | Path", what: str = "output") -> None:
     a folder or a special file, and a temporary file can be created beside it (then removed)."""
     path = Path(path)
     _refuse_existing(path, what)
-    folder = path.parent if str(path.parent) else Path(".")
+    folder = path.parent
     if not folder.is_dir():
         raise FluxMinimalError(f"cannot write the {what} {path}: the folder {folder} does not exist")
     try:

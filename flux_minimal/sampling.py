@@ -21,8 +21,8 @@ from torch import Tensor
 
 
 def get_noise(seeds: list[int], height: int, width: int, channels: int = 16, down: int = 8) -> Tensor:
-    """One noise per seed, [len(seeds), 16, H/8, W/8] float32 (H and W are pixel sizes, multiples of 16;
-    `down` is the VAE's downsampling factor).
+    """One noise per seed, [len(seeds), 16, H/down, W/down] float32 (H and W are pixel sizes, multiples
+    of 2*down; `down` is the VAE's downsampling factor, 8 for FLUX's).
 
     Drawn on the CPU in float32 from `torch.Generator().manual_seed(seed)`, so a seed gives the same
     image on any device and in any dtype. Candidate i of a batch is exactly the noise of its own seed.
@@ -38,7 +38,7 @@ def pack(x: Tensor) -> Tensor:
 
 
 def unpack(x: Tensor, height: int, width: int, down: int = 8) -> Tensor:
-    """Token sequence -> latent image: [B, L, 4C] -> [B, C, H/8, W/8] for pixel sizes H, W."""
+    """Token sequence -> latent image: [B, L, 4C] -> [B, C, H/down, W/down] for pixel sizes H, W."""
     return rearrange(x, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=math.ceil(height / (2 * down)),
                      w=math.ceil(width / (2 * down)), ph=2, pw=2)
 
@@ -56,7 +56,7 @@ def pack_mask(mask: Tensor, down: int = 8) -> Tensor:
     """Pixel mask [B, 1, H, W] (1 = generate) -> [B, L, 256]: each 8x8 pixel block becomes 64
     channels (index ph*8 + pw), then 2x2 packing like the latents. The mask is never resized.
     (A d x d block and 4d^2 channels for a VAE that downsamples d x.)"""
-    mask = rearrange(mask[:, 0], "b (h ph) (w pw) -> b (ph pw) h w", ph=down, pw=down)  # [B, 64, H/8, W/8]
+    mask = rearrange(mask[:, 0], "b (h ph) (w pw) -> b (ph pw) h w", ph=down, pw=down)  # [B, down^2, H/down, W/down]
     return pack(mask)
 
 
