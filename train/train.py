@@ -43,7 +43,7 @@ from flux_minimal.text import PromptEncoder
 from flux_minimal.vae import load_vae
 from flux_minimal.files import check_folder, save_safetensors
 from train.checkpoint import load_checkpoint, optimizer_state, restore_optimizer, save_checkpoint
-from train.data import EditPairs
+from train.data import EditPairs, loader
 
 T_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -72,6 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--compile", action="store_true", help="torch.compile the model's forward and backward")
     ap.add_argument("--fsdp", action="store_true", help="shard the base over the torchrun processes (FSDP2)")
     ap.add_argument("--cache", action="store_true", help="keep text embeddings and latents in memory (small datasets)")
+    ap.add_argument("--workers", type=int, default=0, help="processes that read and prepare samples ahead (0: inline)")
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], help="frozen base dtype (default bf16 on CUDA)")
     ap.add_argument("--device", help="cpu or cuda (default: cuda when there is one)")
     ap.add_argument("--out", type=Path, required=True)
@@ -151,9 +152,9 @@ class Batcher:
             self.latents.update(fresh)
         return torch.stack([a for a, _ in got]), torch.stack([c for _, c in got])
 
-    def batch(self, g0: int, n: int) -> dict | None:
-        """Samples g0 .. g0+n-1; the unreadable ones are skipped (they count as zero loss)."""
-        rows = [(g, s) for g in range(g0, g0 + n) if (s := self.data.sample(g, self.seed, images=True)) is not None]
+    def batch(self, rows: list[tuple[int, tuple]]) -> dict | None:
+        """Model inputs for the readable samples [(g, (pair, diptych, prompt))] of one micro-batch
+        (the unreadable ones were dropped by the loader: they count as zero loss)."""
         if not rows:
             return None
         gs = [g for g, _ in rows]
@@ -192,7 +193,7 @@ def preview(flux, vae, text, data: EditPairs, R: int, steps: int, path: Path, de
     was_training = flux.training
     flux.eval()
     pipe = ICEditPipeline(flux, vae, text, device=device)
-    instruction = data.records[0][1].get("instruction") or data.records[0][1]["edited_prompt_list"][0]
+    instruction = data.instruction(0)
     edit = pipe.edit(src, instruction, width=R, steps=steps, guidance=50.0, seed=0, progress=False)
     flux.train(was_training)
     if save:
@@ -306,12 +307,20 @@ class LossLog:
         self.bins, self.t0 = defaultdict(list), time.perf_counter()
 
 
-def optimizer_step(args, model, batcher: Batcher, params, optimizer, base_lr: float, step: int, procs: Procs,
-                   down: int, log: LossLog) -> None:
-    """One step: --grad-accum micro-batches (each process its own samples), clipping, the schedule."""
+def micro_batches(args, procs: Procs, start: int):
+    """The sample numbers of this process's micro-batches, from step `start` to the end: the
+    processes take turns, so N of them see exactly the samples one process would."""
+    for step in range(start, args.steps):
+        for a in range(args.grad_accum):
+            g0 = ((step * args.grad_accum + a) * procs.size + procs.rank) * args.batch
+            yield list(range(g0, g0 + args.batch))
+
+
+def optimizer_step(args, model, batcher: Batcher, samples, params, optimizer, base_lr: float, step: int,
+                   procs: Procs, down: int, log: LossLog) -> None:
+    """One step: --grad-accum micro-batches from `samples` (the loader), clipping, the schedule."""
     for a in range(args.grad_accum):
-        g0 = ((step * args.grad_accum + a) * procs.size + procs.rank) * args.batch  # this micro-batch's samples
-        b = batcher.batch(g0, args.batch)
+        b = batcher.batch(next(samples))
         if b is None:  # every sample unreadable: a zero loss that still takes part in DDP
             loss = sum(p.sum() for p in params) * 0.0
         else:
@@ -354,6 +363,7 @@ def main(argv=None) -> int:
         restore_optimizer(flux, optimizer, opt_state)
     data = EditPairs(args.data, resolution=args.resolution)
     batcher = Batcher(data, text, vae, procs.device, procs.dtype, args.seed, args.cache)
+    samples = loader(data, args.seed, micro_batches(args, procs, step), args.workers)
     if procs.main:
         print(f"{len(data)} pairs, {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters ({args.adapter}, "
               f"rank {args.rank}), {procs.size} process(es), {samples_per_step} samples/step, base {procs.dtype}, "
@@ -365,7 +375,7 @@ def main(argv=None) -> int:
     log, t0 = LossLog(args, procs, samples_per_step), time.perf_counter()
     while step < args.steps:
         t_step = time.perf_counter()
-        optimizer_step(args, model, batcher, params, optimizer, base_lr, step, procs, vae_down(vae), log)
+        optimizer_step(args, model, batcher, samples, params, optimizer, base_lr, step, procs, vae_down(vae), log)
         step, trained = step + 1, trained + time.perf_counter() - t_step
         if bar is not None:
             bar.update(1)
