@@ -37,9 +37,9 @@ class LayerNorm(nn.LayerNorm):
 
 
 class CLIPAttention(nn.Module):
-    def __init__(self, cfg: CLIPConfig):
+    def __init__(self, cfg: CLIPConfig, causal: bool = True):
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
+        self.num_heads, self.causal = cfg.num_attention_heads, causal  # the text tower is causal, the vision one not
         d = cfg.hidden_size
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
         self.out_proj = nn.Linear(d, d)
@@ -47,7 +47,7 @@ class CLIPAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         q, k, v = (rearrange(p(x), "B L (H D) -> B H L D", H=self.num_heads) for p in (self.q_proj, self.k_proj,
                                                                                         self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # scale 1/sqrt(head_dim)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # scale 1/sqrt(head_dim)
         return self.out_proj(rearrange(out, "B H L D -> B L (H D)"))
 
 
@@ -63,9 +63,9 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    def __init__(self, cfg: CLIPConfig):
+    def __init__(self, cfg: CLIPConfig, causal: bool = True):
         super().__init__()
-        self.self_attn = CLIPAttention(cfg)
+        self.self_attn = CLIPAttention(cfg, causal)
         self.layer_norm1 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = CLIPMLP(cfg)
         self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
@@ -76,9 +76,9 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    def __init__(self, cfg: CLIPConfig):
+    def __init__(self, cfg: CLIPConfig, causal: bool = True):
         super().__init__()
-        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg, causal) for _ in range(cfg.num_hidden_layers))
 
     def forward(self, x: Tensor) -> Tensor:
         for layer in self.layers:
