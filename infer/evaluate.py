@@ -1,0 +1,265 @@
+"""Evaluate an editor on the paper's benchmarks and print the tables beside the paper's rows.
+
+    .venv/bin/python -m infer.evaluate --bench magicbrush --data MagicBrush/test --weights FLUX.1-Fill-dev \
+        --lora ICEdit-MoE/pytorch_lora_weights.safetensors --clip clip-vit-base-patch32 --dino dino-vits16 \
+        --out runs/eval_magicbrush                                   # ICEdit's Table 2
+    .venv/bin/python -m infer.evaluate --bench emu --data emu_edit_test_set --weights ... --clip ... --dino ... \
+        --judge http://127.0.0.1:8000/v1 Qwen/Qwen2.5-VL-72B-Instruct --out runs/eval_emu    # Table 1
+    .venv/bin/python -m infer.evaluate --bench mini --weights assets/mini --lora assets/mini/lora_moe.safetensors \
+        --out runs/eval_mini                                         # the shapes world, its checker
+
+OUT/edits/ holds the edited images (MagicBrush: OUT/edits/<session>/iter_<k>.png, the multi-turn
+chain where each turn edits the previous turn's result, and inde_<k>.png, each turn edited from its
+ground-truth input; the first turn is iter_1 for both), OUT/results.jsonl one line per session
+(written as each finishes), OUT/summary.md the table. `--resume` skips the sessions already in
+results.jsonl, so a killed run continues; `--edits DIR` scores another system's images laid out
+as OUT/edits/ (nothing is generated, no DiT is loaded).
+Metrics (infer/metrics.py), as the papers compute them:
+  MagicBrush  final turn: the last iterative edit against the last target; all turns: every
+              independent edit against its target (MagicBrush's image_eval.py). L1, CLIP-I, DINO,
+              and CLIP-T against the output captions when global_descriptions.json is there
+  Emu Edit    against the input image (there is no target): L1, CLIP-I, DINO; CLIP-Out = CLIP-T of
+              the edit and the output caption; with --judge, VIE-Score (infer/viescore.py)
+  mini        the world's checker: success, done, preservation error (train/shapes/check.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from flux_minimal.errors import FluxMinimalError, run_cli
+from flux_minimal.files import check_folder, write_text
+from flux_minimal.images import save_png
+from infer.benchmarks import Session, read_emu, read_magicbrush, read_mini
+
+# The paper's own rows (ICEdit, tables 1 and 2); "-" where it reports none.
+PAPER = {"magicbrush": {"l1": 0.060, "clip_i": 0.928, "dino": 0.853},
+         "emu": {"clip_i": 0.907, "clip_out": 0.305, "dino": 0.866, "gpt": 0.68}}
+COLUMNS = {"magicbrush": ["l1", "clip_i", "dino", "clip_t"], "emu": ["l1", "clip_i", "clip_out", "dino", "sc", "pq",
+                                                                   "overall", "gpt"]}
+
+
+class Editor:
+    """Makes (or, with --edits, reads) the edits of a session; counts seconds and NFE per edit."""
+
+    def __init__(self, args, out: Path):
+        self.args, self.edits_dir = args, out / "edits"
+        self.from_dir = Path(args.edits) if args.edits else None
+        self.pipe, self.seconds, self.nfe, self.n = None, 0.0, 0, 0
+        if self.from_dir is None:
+            from infer.pipeline import ICEditPipeline
+            self.pipe = ICEditPipeline.from_pretrained(args.weights, device=args.device, lora=args.lora)
+
+    def edit(self, image: Image.Image, instruction: str, seed: int, name: str) -> Image.Image:
+        if self.from_dir is not None:
+            path = self.from_dir / f"{name}.png"
+            if not path.is_file():
+                raise FluxMinimalError(f"{path}: missing (--edits must hold every edit, named as OUT/edits/)")
+            return Image.open(path).convert("RGB")
+        a = self.args
+        t0 = time.perf_counter()
+        kw = dict(candidates=a.candidates, early_steps=a.early_steps, judge=self.judge()) if a.candidates > 1 else {}
+        out = self.pipe.edit(image, instruction, width=a.width, steps=a.steps, guidance=a.guidance, seed=seed,
+                             progress=False, min_side=1, **kw)
+        self.seconds += time.perf_counter() - t0
+        self.nfe += self.pipe.last_report["nfe"]
+        self.n += 1
+        path = self.edits_dir / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_png(out, path, {"instruction": instruction, "seed": str(seed)}, keep=True)
+        return out
+
+    def judge(self):
+        from infer.judge import VLMJudge
+        if not self.args.judge:
+            raise FluxMinimalError("--candidates > 1 needs a judge: --judge URL MODEL")
+        return VLMJudge(*self.args.judge)
+
+
+def score_session(bench: str, s: Session, editor: Editor, metrics, vie, seed: int) -> dict:
+    row: dict = {"id": s.id, **s.meta}
+    if bench == "magicbrush":
+        current, finals = s.turns[0].source, []
+        for k, t in enumerate(s.turns, 1):  # the iterative chain
+            current = editor.edit(current, t.instruction, seed, f"{s.id}/iter_{k}")
+            finals.append(current)
+        inde = [finals[0]] + [editor.edit(t.source, t.instruction, seed, f"{s.id}/inde_{k}")
+                              for k, t in enumerate(s.turns[1:], 2)]
+        last = s.turns[-1]
+        row["final"] = pair_metrics(metrics, finals[-1], last.target, last.caption)
+        row["all"] = [pair_metrics(metrics, e, t.target, t.caption) for e, t in zip(inde, s.turns)]
+        row["turns"] = len(s.turns)
+    else:
+        t = s.turns[0]
+        out = editor.edit(t.source, t.instruction, seed, s.id)
+        if bench == "emu":
+            row.update(pair_metrics(metrics, out, t.source, None))  # against the input: there is no target
+            row["clip_out"] = metrics.clip_t(out, t.caption) if metrics.clip_model else None
+            if vie is not None:
+                row.update(vie.score_or_none(t.source, out, t.instruction))
+        else:
+            from train.shapes.check import check_edit
+            sc = check_edit(t.record, t.source, out)
+            row.update(success=bool(sc.success), done=bool(sc.done), preserve_mae=float(sc.preserve_mae),
+                       l1=metrics.l1(out, t.target))
+    return row
+
+
+def pair_metrics(metrics, edit: Image.Image, ref: Image.Image, caption: str | None) -> dict:
+    r = {"l1": metrics.l1(edit, ref)}
+    if metrics.clip_model is not None:
+        r["clip_i"] = metrics.clip_i(edit, ref)
+        r["clip_t"] = metrics.clip_t(edit, caption) if caption else None
+    if metrics.dino_model is not None:
+        r["dino"] = metrics.dino(edit, ref)
+    return r
+
+
+def mean(values) -> float | None:
+    v = [x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return float(np.mean(v)) if v else None
+
+
+def fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def summarize(bench: str, rows: list[dict], per_edit: dict) -> str:
+    cost = f"{per_edit['nfe']:.0f} NFE, {per_edit['seconds']:.2f} s per edit" if per_edit["n"] else "edits read from --edits"
+    if bench == "mini":
+        from train.shapes import world
+        from train.shapes.ablation import table
+        types = [r["type"] for r in rows]
+        main = [r for r in rows if r["type"] != "move"]
+        row = {"row": "ours", "success": mean(r["success"] for r in main) or 0.0,
+               "move": mean(r["success"] for r in rows if r["type"] == "move") or 0.0,
+               "done": mean(r["done"] for r in main) or 0.0, "preserve_mae": mean(r["preserve_mae"] for r in rows),
+               "nfe": per_edit["nfe"],
+               "per_type": {t: mean(r["success"] for r, u in zip(rows, types) if u == t) or 0.0 for t in world.EDIT_TYPES}}
+        return f"{len(rows)} held-out edits; {cost}\n\n" + table([row])
+    cols, lines = COLUMNS[bench], []
+    head = "| | " + " | ".join(cols) + " |\n|" + " --- |" * (len(cols) + 1)
+    if bench == "magicbrush":
+        final = {c: mean(r["final"].get(c) for r in rows) for c in cols}
+        every = {c: mean(t.get(c) for r in rows for t in r["all"]) for c in cols}
+        lines += [f"| ours, final turn | " + " | ".join(fmt(final[c]) for c in cols) + " |",
+                  f"| ours, all turns | " + " | ".join(fmt(every[c]) for c in cols) + " |"]
+        n = f"{len(rows)} sessions, {sum(r['turns'] for r in rows)} turns"
+    else:
+        ours = {c: mean(r.get(c) for r in rows) for c in cols}
+        lines.append("| ours | " + " | ".join(fmt(ours[c]) for c in cols) + " |")
+        n = f"{len(rows)} samples"
+    lines.append("| ICEdit paper | " + " | ".join(fmt(PAPER[bench].get(c)) for c in cols) + " |")
+    return f"{n}; {cost}\n\n" + head + "\n" + "\n".join(lines)
+
+
+def read_done(path: Path) -> dict[str, dict]:
+    """results.jsonl -> {id: row}; a last line cut by a kill is ignored (that session is redone)."""
+    done = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                done[row["id"]] = row
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    return done
+
+
+def append_line(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="python -m infer.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bench", choices=["magicbrush", "emu", "mini"], required=True)
+    ap.add_argument("--data", type=Path, help="the test set (magicbrush, emu)")
+    ap.add_argument("--weights", type=Path, default=Path("assets/mini"))
+    ap.add_argument("--lora", type=Path)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--edits", type=Path, help="score these images instead of editing (laid out as OUT/edits/)")
+    ap.add_argument("--clip", type=Path, help="CLIP folder for CLIP-I / CLIP-T (openai/clip-vit-base-patch32)")
+    ap.add_argument("--dino", type=Path, help="DINO folder (facebook/dino-vits16)")
+    ap.add_argument("--judge", nargs=2, metavar=("URL", "MODEL"), help="VLM for VIE-Score (emu) and --candidates")
+    ap.add_argument("--candidates", type=int, default=1, help="early-filter scaling: M noise candidates")
+    ap.add_argument("--early-steps", type=int, default=10)
+    ap.add_argument("--limit", type=int, help="only the first N sessions")
+    ap.add_argument("--per-type", type=int, default=20, help="mini: held-out edits per edit type")
+    ap.add_argument("--width", type=int, help="edit width (default: 512, mini 64)")
+    ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--guidance", type=float, default=50.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
+    ap.add_argument("--resume", action="store_true", help="skip the sessions already in OUT/results.jsonl")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    if args.bench != "mini" and args.data is None:
+        ap.error(f"--bench {args.bench} needs --data")
+    args.width = args.width or (64 if args.bench == "mini" else 512)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = args.out
+    check_folder(out, "--out folder")
+    results = out / "results.jsonl"
+    if results.exists() and not args.resume:
+        raise FluxMinimalError(f"{results} exists: pass --resume to continue that run, or another --out")
+    if args.bench == "magicbrush":
+        sessions, dropped = read_magicbrush(args.data)
+    elif args.bench == "emu":
+        sessions, dropped = read_emu(args.data)
+    else:
+        sessions, dropped = read_mini(args.per_type, args.seed)
+    sessions = sessions[:args.limit] if args.limit else sessions
+    print(f"{args.bench}: {len(sessions)} sessions"
+          + (f"; dropped {sum(dropped.values())}: " + ", ".join(f"{n} {why}" for why, n in dropped.items()) if dropped else ""))
+    from infer.metrics import EditMetrics
+    metrics = EditMetrics(clip=args.clip, dino=args.dino, device=args.device)
+    vie = None
+    if args.judge and args.bench == "emu":
+        from infer.viescore import VIEScore
+        vie = VIEScore(*args.judge)
+    editor = Editor(args, out)
+    done = read_done(results) if args.resume else {}
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [(i, s) for i, s in enumerate(sessions) if s.id not in done]
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(sessions), initial=len(sessions) - len(todo), unit="session")
+    for i, s in todo:
+        n0, nfe0, sec0 = editor.n, editor.nfe, editor.seconds
+        row = score_session(args.bench, s, editor, metrics, vie, args.seed + i)
+        row.update(edits=editor.n - n0, nfe=editor.nfe - nfe0, seconds=round(editor.seconds - sec0, 3))
+        append_line(results, row)
+        done[s.id] = row
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.close()
+    rows = [done[s.id] for s in sessions if s.id in done]
+    n = sum(r.get("edits", 0) for r in rows)  # made in every sitting of this run
+    per_edit = {"n": n, "nfe": sum(r.get("nfe", 0) for r in rows) / max(n, 1),
+                "seconds": sum(r.get("seconds", 0) for r in rows) / max(n, 1)}
+    md = summarize(args.bench, rows, per_edit)
+    write_text(out / "summary.md", md + "\n")
+    print("\n" + md)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
