@@ -19,7 +19,8 @@ Metrics (infer/metrics.py), as the papers compute them:
               independent edit against its target (MagicBrush's image_eval.py). L1, CLIP-I, DINO,
               and CLIP-T against the output captions when global_descriptions.json is there
   Emu Edit    against the input image (there is no target): L1, CLIP-I, DINO; CLIP-Out = CLIP-T of
-              the edit and the output caption; with --judge, VIE-Score (infer/viescore.py)
+              the edit and the output caption; with --judge, VIE-Score SC, PQ, Overall on 0-10
+              (infer/viescore.py). ICEdit measured Emu with CLIP ViT-L/14 (pass that folder as --clip)
   mini        the world's checker: success, done, preservation error (train/shapes/check.py)
 """
 
@@ -43,8 +44,8 @@ from infer.benchmarks import Session, read_emu, read_magicbrush, read_mini
 # The paper's own rows (ICEdit, tables 1 and 2); "-" where it reports none.
 PAPER = {"magicbrush": {"l1": 0.060, "clip_i": 0.928, "dino": 0.853},
          "emu": {"clip_i": 0.907, "clip_out": 0.305, "dino": 0.866, "gpt": 0.68}}
-COLUMNS = {"magicbrush": ["l1", "clip_i", "dino", "clip_t"], "emu": ["l1", "clip_i", "clip_out", "dino", "sc", "pq",
-                                                                   "overall", "gpt"]}
+COLUMNS = {"magicbrush": ["l1", "clip_i", "dino", "clip_t"],
+           "emu": ["l1", "clip_i", "clip_out", "dino", "sc", "pq", "overall", "gpt"]}  # gpt: unpublished, left empty
 
 
 class Editor:
@@ -161,6 +162,15 @@ def summarize(bench: str, rows: list[dict], per_edit: dict) -> str:
     return f"{n}; {cost}\n\n" + head + "\n" + "\n".join(lines)
 
 
+def session_seed(args, i: int) -> int:
+    """The sampler seed of session i; the mini bench uses the ablation's (train/shapes/ablation.py),
+    so its table reproduces the ablation's LoRA-MoE row."""
+    if args.bench == "mini":
+        from train.shapes.ablation import SEED_OFFSET
+        return args.seed + SEED_OFFSET + 97 * i
+    return args.seed + i
+
+
 def read_done(path: Path) -> dict[str, dict]:
     """results.jsonl -> {id: row}; a last line cut by a kill is ignored (that session is redone)."""
     done = {}
@@ -243,7 +253,7 @@ def main(argv=None) -> int:
         bar = tqdm(total=len(sessions), initial=len(sessions) - len(todo), unit="session")
     for i, s in todo:
         n0, nfe0, sec0 = editor.n, editor.nfe, editor.seconds
-        row = score_session(args.bench, s, editor, metrics, vie, args.seed + i)
+        row = score_session(args.bench, s, editor, metrics, vie, session_seed(args, i))
         row.update(edits=editor.n - n0, nfe=editor.nfe - nfe0, seconds=round(editor.seconds - sec0, 3))
         append_line(results, row)
         done[s.id] = row

@@ -220,10 +220,14 @@ class VLMJudge:
             content.append({"type": "text", "text": label})
             content.append({"type": "image_url", "image_url": {"url": png_data_url(image)}})
         content.append({"type": "text", "text": self.prompt.format(instruction=instruction)})
-        body = {"model": self.model, "messages": [{"role": "user", "content": content}],
-                "temperature": 0, "max_tokens": self.max_tokens}
-        answer = self._answer_text(self._post(json.dumps(body).encode()))
+        answer = self.chat(content)
         return parse_verdict(answer), answer.strip()
+
+    def chat(self, content: list[dict], max_tokens: int | None = None) -> str:
+        """One user message of content parts (text, image_url) at temperature 0 -> the answer text."""
+        body = {"model": self.model, "messages": [{"role": "user", "content": content}],
+                "temperature": 0, "max_tokens": max_tokens or self.max_tokens}
+        return self._answer_text(self._post(json.dumps(body).encode()))
 
     def _post(self, body: bytes) -> bytes:
         headers = {"Content-Type": "application/json"}

@@ -1,5 +1,7 @@
 """Small helpers shared by the tests (oracles are imported by the tests themselves)."""
 
+import threading
+
 import torch
 from torch import Tensor, nn
 
@@ -21,3 +23,18 @@ def randomize_(module: nn.Module, std: float = 0.2, seed: int = 0) -> nn.Module:
             noise = noise + 1.0
         p.copy_(noise.to(p.dtype))
     return module
+
+
+# ---- a stub OpenAI-compatible chat server (the `stub` fixture in conftest.py) ----
+
+class Stub:
+    """What the server does: `reply(request_json, n)` -> (status, body, delay_s); n counts from 0."""
+
+    def __init__(self):
+        self.requests: list[dict] = []  # {"path", "headers", "body"}
+        self.reply = lambda body, n: (200, chat("1"), 0.0)
+        self.stop = threading.Event()
+
+
+def chat(text: str) -> dict:
+    return {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}

@@ -172,3 +172,42 @@ def test_killed_and_resumed_gives_the_same_table(snapshot, metric_models, tmp_pa
     subprocess.run([*cmd, "--out", str(killed), "--resume"], cwd=REPO, check=True, capture_output=True)
     subprocess.run([*cmd, "--out", str(tmp_path / "clean")], cwd=REPO, check=True, capture_output=True)
     assert table(killed) == table(tmp_path / "clean")
+
+
+# ---- VIE-Score through the judge client ----
+
+def test_vie_score_answers_are_parsed_as_viescore_does():
+    from infer.judge import JudgeError
+    from infer.viescore import parse_scores
+    assert parse_scores('Sure.\n{\n"score" : [7, 4],\n"reasoning" : "the hat is there"\n}\nDone') == [7.0, 4.0]
+    assert parse_scores('{"score": 8, "reasoning": "x"}') == [8.0]
+    assert parse_scores("score = [3, 9]") == [3.0, 9.0]
+    for bad in ("I cannot rate this.", '{"score": [11, 2]}', '{"reasoning": "no score"}'):
+        with pytest.raises(JudgeError):
+            parse_scores(bad)
+
+
+def test_vie_score_asks_sc_with_both_images_and_pq_with_the_edit(stub):
+    from tests.helpers import chat
+    from infer.viescore import VIEScore
+    stub.reply = lambda body, n: (200, chat('{"score": [%d, 9], "reasoning": "ok"}' % (6 if n == 0 else 4)), 0.0)
+    got = VIEScore(stub.url, "qwen-test", timeout=2.0, retries=0).score(img(1, 16), img(2, 16), "add a {hat}")
+    assert got == {"sc": 6.0, "pq": 4.0, "overall": pytest.approx(np.sqrt(24.0))}
+    sc, pq = (r["body"]["messages"][0]["content"] for r in stub.requests)
+    assert [p["type"] for p in sc] == ["text", "image_url", "image_url"] and [p["type"] for p in pq] == ["text", "image_url"]
+    assert "Editing instruction: add a {hat}" in sc[0]["text"] and "<instruction>" not in sc[0]["text"]
+    assert "naturalness" in pq[0]["text"] and "Editing instruction" not in pq[0]["text"]
+
+
+def test_emu_with_a_judge_that_fails_once(snapshot, metric_models, tmp_path, stub, capsys):
+    from tests.helpers import chat
+    # the first sample's SC request gets an unreadable answer; the rest score 8 / 5
+    stub.reply = lambda body, n: (200, chat("no idea" if n == 0 else '{"score": [8, 5], "reasoning": ""}'), 0.0)
+    out = tmp_path / "emu"
+    assert evaluate(snapshot, metric_models, "--bench", "emu", "--data", emu_parquet(tmp_path / "emu.parquet"),
+                    "--out", out, "--judge", stub.url, "judge-model") == 0
+    rows = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    assert rows[0]["sc"] is None and "vie_error" in rows[0]
+    assert (rows[1]["sc"], rows[1]["pq"]) == (5.0, 5.0)
+    ours = table(out)[2].split("|")[2:-1]
+    assert [v.strip() for v in ours[4:]] == ["5.000", "5.000", "5.000", "-"]  # the failed sample left out

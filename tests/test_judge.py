@@ -1,24 +1,23 @@
 """The VLM judge client against a local stub server, answer parsing, and the tournament under failure.
 
-The stub (a ThreadingHTTPServer on 127.0.0.1) identifies images by their solid colour, so it knows
-which candidate it was shown where and can prefer a chosen one, answer in odd formats, fail, or stall.
+The stub (conftest.py's `stub` fixture, a ThreadingHTTPServer on 127.0.0.1) identifies images by
+their solid colour, so it knows which candidate it was shown where and can prefer a chosen one,
+answer in odd formats, fail, or stall.
 Retry backoff is 1 ms and timeouts are 0.2 s, so the whole file runs in a few seconds.
 """
 
 import base64
 import io
-import json
 import logging
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from PIL import Image
 
 from infer.judge import (JUDGE_PROMPT, JudgeError, ScoreJudge, VLMJudge, parse_verdict, png_data_url,
                          tournament)
+from tests.helpers import chat
 
 SOURCE_RGB = (128, 128, 128)
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255)]
@@ -27,19 +26,6 @@ SOURCE = Image.new("RGB", (16, 16), SOURCE_RGB)
 CANDIDATES = [Image.new("RGB", (16, 16), c) for c in COLOURS]
 INSTRUCTION = "make the {sky} purple"  # braces: the prompt must not treat it as a format string
 KEY = "sk-test-secret-123"
-
-
-class Stub:
-    """What the server does: `reply(request_json, n)` -> (status, body, delay_s); n counts from 0."""
-
-    def __init__(self):
-        self.requests: list[dict] = []  # {"path", "headers", "body"}
-        self.reply = lambda body, n: (200, chat("1"), 0.0)
-        self.stop = threading.Event()
-
-
-def chat(text: str) -> dict:
-    return {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}
 
 
 def images_of(body: dict) -> list[int]:
@@ -60,47 +46,6 @@ def prefers(best: int, fmt: str = "Image {n}. It follows the instruction more cl
         pick = 2 if c2 == best or (c1 != best and c2 < c1) else 1
         return 200, chat(fmt.format(n=pick)), 0.0
     return reply
-
-
-@pytest.fixture
-def stub(monkeypatch):
-    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY",
-                "FLUX_JUDGE_API_KEY", "OPENAI_API_KEY"):
-        monkeypatch.delenv(var, raising=False)
-    state = Stub()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            n = len(state.requests)
-            state.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-            status, payload, delay = state.reply(body, n)
-            if delay and state.stop.wait(delay):
-                return
-            data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-            try:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-            except OSError:  # the client timed out and hung up
-                pass
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)  # fast shutdown
-    thread.start()
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    try:
-        yield state
-    finally:
-        state.stop.set()
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 def judge(stub, **kw) -> VLMJudge:
