@@ -141,3 +141,13 @@ def test_in_a_real_browser(server):
         wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#source img").get_attribute("src") != before)
     finally:
         driver.quit()
+
+
+def test_scaling_shows_the_candidates_with_the_judges_pick_first(editor, stub):
+    from tests.helpers import chat
+    stub.reply = lambda body, n: (200, chat("2. The second edit follows the instruction."), 0.0)  # prefers the later one
+    out, gallery, path, status = editor.edit(str(SCENE), "turn the red circle blue", seed=5, candidates=3,
+                                             early_steps=1, judge_url=stub.url, judge_model="judge")
+    assert out.size == (64, 64) and len(gallery) == 3 and len(stub.requests) == 2  # M - 1 comparisons
+    assert gallery[0][1] == "judge's pick: seed 7" and "candidate 2 of 3 chosen" in status
+    assert all(Image.open(f).size == (64, 64) for f, _ in gallery)
