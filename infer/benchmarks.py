@@ -25,12 +25,23 @@ from flux_minimal.errors import FluxMinimalError
 
 @dataclass
 class Turn:
+    """One edit. The images are kept as read (a path, encoded bytes, or a PIL image) and decoded
+    when asked for, so a test set of thousands of images is not held decoded in memory."""
+
     instruction: str
-    source: Image.Image  # the ground-truth input of this turn
-    target: Image.Image | None = None  # the ground-truth output (None: Emu Edit)
+    source_ref: object  # the ground-truth input of this turn
+    target_ref: object = None  # the ground-truth output (None: Emu Edit)
     caption: str | None = None  # the output's caption (CLIP-T / CLIP-Out), if the set has one
     source_caption: str | None = None
     record: object = None  # the mini world's EditRecord (its checker's ground truth)
+
+    @property
+    def source(self) -> Image.Image:
+        return _open(self.source_ref)
+
+    @property
+    def target(self) -> Image.Image | None:
+        return None if self.target_ref is None else _open(self.target_ref)
 
 
 @dataclass
@@ -41,6 +52,8 @@ class Session:
 
 
 def _open(value) -> Image.Image:
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray)):
@@ -100,10 +113,13 @@ def _magicbrush_folder(path: Path, captions: dict, dropped: Counter) -> list[Ses
         s = Session(_safe(img_id))
         try:
             for t in turns:
-                s.turns.append(Turn(t["instruction"], _open(folder / t["input"]), _open(folder / t["output"]),
-                                    _caption(captions, img_id, t["output"])))
+                paths = folder / t["input"], folder / t["output"]
+                missing = [p.name for p in paths if not p.is_file()]
+                if missing:
+                    raise FileNotFoundError(missing[0])
+                s.turns.append(Turn(t["instruction"], *paths, _caption(captions, img_id, t["output"])))
         except (OSError, KeyError) as e:
-            dropped[f"unreadable session ({type(e).__name__})"] += 1
+            dropped[f"unreadable session ({type(e).__name__}: {e})"] += 1
             continue
         sessions.append(s)
     return sessions
@@ -120,8 +136,7 @@ def _magicbrush_parquet(path: Path, captions: dict, dropped: Counter) -> list[Se
         s = Session(_safe(img_id))
         for r in turns:
             out_name = f"{img_id}-output{int(r['turn_index'])}.png"
-            s.turns.append(Turn(r["instruction"], _open(r["source_img"]), _open(r["target_img"]),
-                                _caption(captions, img_id, out_name)))
+            s.turns.append(Turn(r["instruction"], r["source_img"], r["target_img"], _caption(captions, img_id, out_name)))
         sessions.append(s)
     return sessions
 
@@ -150,7 +165,7 @@ def read_emu(path: str | Path) -> tuple[list[Session], Counter]:
         if why:
             dropped[why] += 1
             continue
-        turn = Turn(r["instruction"], _open(r["image"]), None, r["output_caption"], r["input_caption"])
+        turn = Turn(r["instruction"], r["image"], None, r["output_caption"], r["input_caption"])
         sessions.append(Session(_safe(f"{r['task']}_{r['idx']}"), [turn], {"task": r["task"]}))
     return sessions, dropped
 

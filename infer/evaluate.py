@@ -253,7 +253,13 @@ def main(argv=None) -> int:
         bar = tqdm(total=len(sessions), initial=len(sessions) - len(todo), unit="session")
     for i, s in todo:
         n0, nfe0, sec0 = editor.n, editor.nfe, editor.seconds
-        row = score_session(args.bench, s, editor, metrics, vie, session_seed(args, i))
+        try:
+            row = score_session(args.bench, s, editor, metrics, vie, session_seed(args, i))
+        except (OSError, FluxMinimalError) as e:  # an unreadable image (or one the editor refuses): noted, run goes on
+            if isinstance(e, FluxMinimalError) and "--edits must hold" in str(e):
+                raise
+            row = {"id": s.id, "error": f"{type(e).__name__}: {e}"[:300]}
+            print(f"warning: session {s.id} not scored: {row['error']}")
         row.update(edits=editor.n - n0, nfe=editor.nfe - nfe0, seconds=round(editor.seconds - sec0, 3))
         append_line(results, row)
         done[s.id] = row
@@ -261,11 +267,14 @@ def main(argv=None) -> int:
             bar.update(1)
     if bar:
         bar.close()
-    rows = [done[s.id] for s in sessions if s.id in done]
+    failed = [done[s.id] for s in sessions if s.id in done and "error" in done[s.id]]
+    rows = [done[s.id] for s in sessions if s.id in done and "error" not in done[s.id]]
     n = sum(r.get("edits", 0) for r in rows)  # made in every sitting of this run
     per_edit = {"n": n, "nfe": sum(r.get("nfe", 0) for r in rows) / max(n, 1),
                 "seconds": sum(r.get("seconds", 0) for r in rows) / max(n, 1)}
     md = summarize(args.bench, rows, per_edit)
+    if failed:
+        md = f"{len(failed)} session(s) could not be scored (results.jsonl says why)\n" + md
     write_text(out / "summary.md", md + "\n")
     print("\n" + md)
     return 0

@@ -70,7 +70,9 @@ def emu_parquet(path: Path) -> Path:
             {"instruction": "remove it", "image": png(img(3)), "task": "remove", "split": "test", "idx": 2,
              "hash": "c", "input_caption": "a dog on grass", "output_caption": ""},
             {"instruction": "make it night", "image": png(img(4)), "task": "background", "split": "test", "idx": 3,
-             "hash": "d", "input_caption": "a street by day", "output_caption": "a street at night"}]
+             "hash": "d", "input_caption": "a street by day", "output_caption": "a street at night"},
+            {"instruction": "make it old", "image": {"bytes": b"\x89PNG\r\n\x1a\n broken", "path": None},
+             "task": "style", "split": "test", "idx": 4, "hash": "e", "input_caption": "a car", "output_caption": "an old car"}]
     pq.write_table(pa.Table.from_pylist(rows), path)
     return path
 
@@ -147,7 +149,9 @@ def test_emu_end_to_end_drops_and_counts(snapshot, metric_models, tmp_path, caps
     assert evaluate(snapshot, metric_models, "--bench", "emu", "--data", emu_parquet(tmp_path / "emu.parquet"),
                     "--out", out) == 0
     printed = capsys.readouterr().out
-    assert "2 sessions; dropped 2: 1 identical input and output captions, 1 placeholder caption" in printed
+    assert "3 sessions; dropped 2: 1 identical input and output captions, 1 placeholder caption" in printed
+    assert "warning: session style_4 not scored" in printed  # the corrupt image: noted, the run goes on
+    assert (out / "summary.md").read_text().startswith("1 session(s) could not be scored")
     lines = table(out)
     ours = lines[2].split("|")[2:-1]
     assert len(ours) == 8 and all(v.strip() != "-" for v in ours[:4])  # l1, clip_i, clip_out, dino
