@@ -206,3 +206,28 @@ def test_caption_probe_separates_reading_from_ignoring():
     assert named == 1.0 and unrelated < 0.8
     named, unrelated = caption_reading(_FakePipe(lambda src, prompt: src), n=8, steps=1)
     assert named < 0.8
+
+
+def test_quick_adapter_experiment(capsys, monkeypatch):
+    """train.shapes.quick: shape-only references name the object without its colour; the changed-token
+    mask marks right-half tokens only, and the ones over the object; a 2-step run prints its probe
+    and the success figures."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    import numpy as np
+
+    from flux_minimal.text import PromptEncoder
+    from flux_minimal.vae import load_vae
+    from train.shapes import quick
+    ex = quick.make_example(np.random.default_rng(0), "color", objects=1, shape_ref=True)
+    o = ex.record.source.objects[0]
+    assert o.shape in ex.instruction and o.color not in ex.instruction and ex.record.params["color"] in ex.instruction
+    data = quick.encode(load_vae(REPO / "assets" / "mini" / "ae.safetensors"),
+                        PromptEncoder.from_pretrained(REPO / "assets" / "mini"), [ex])
+    changed = data["changed"].view(8, 16)  # 8 x 16 tokens of the 64 x 128 diptych
+    assert not changed[:, :8].any() and changed[:, 8:].any()
+    rows, cols = torch.nonzero(changed[:, 8:], as_tuple=True)
+    assert abs(cols.float().mean().item() * 8 + 4 - o.x * 64) < 8 and abs(rows.float().mean().item() * 8 + 4 - o.y * 64) < 8
+    assert quick.main(["--types", "color", "--objects", "1", "--shape-ref", "--pairs", "8", "--steps", "2", "--batch",
+                       "4", "--eval", "1", "--sample-steps", "2", "--weights", str(REPO / "assets" / "mini")]) == 0
+    out = capsys.readouterr().out
+    assert "step 2: loss" in out and "changed@0.9" in out and "success: train" in out
