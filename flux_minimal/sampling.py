@@ -172,13 +172,15 @@ def noisy_sample(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
 
 
 def flow_matching_mse(model, x0: Tensor, noise: Tensor, t: Tensor, cond: Conditioning, guidance: Tensor,
-                      dtype: torch.dtype | None = None) -> Tensor:
+                      dtype: torch.dtype | None = None, per_token: bool = False) -> Tensor:
     """The training objective of FLUX and ICEdit (rectified flow), per sample: the model's velocity
     at x_t = (1 - t) x0 + t noise against the target noise - x0, as a mean squared error [B] in
-    float32. x0, noise [B, L, 64]; t, guidance [B]; cond as at inference (Fill: img_cond is cat'ed
-    to x_t). Shared by fine-tuning (train/train.py) and the mini recipe's base stage."""
+    float32 ([B, L] with per_token). x0, noise [B, L, 64]; t, guidance [B]; cond as at inference
+    (Fill: img_cond is cat'ed to x_t). Shared by fine-tuning (train/train.py), the mini recipe's
+    base stage and its quick experiments (train/shapes/quick.py)."""
     x_t = noisy_sample(x0, noise, t)
     inp = x_t if cond.img_cond is None else torch.cat([x_t, cond.img_cond], dim=-1)
     v = model(img=inp.to(dtype or x_t.dtype), img_ids=cond.img_ids, txt=cond.txt, txt_ids=cond.txt_ids, timesteps=t,
               y=cond.vec, guidance=guidance)
-    return (v.float() - (noise - x0)).square().mean(dim=(1, 2))
+    err = (v.float() - (noise - x0)).square().mean(dim=-1)  # [B, L]
+    return err if per_token else err.mean(dim=1)

@@ -7,7 +7,7 @@
       input_ids -> the text tower (clip.py) pooled at EOS -> text_projection     text_embeds [B, proj]
     DINO (facebook/dino-vits16; a ViTModel folder):
       pixels -> conv P x P (bias) -> [cls_token; patches] + position_embeddings
-      -> N pre-LN layers: x += output(attention(layernorm_before(x))); x += mlp(layernorm_after(x))
+      -> N pre-LN layers (clip.py's, not causal; ViT's key names mapped by VIT_RULES)
       -> layernorm -> x[:, 0]                                                  cls [B, hidden]
 
 What the metrics compare are cosines of these vectors (infer/metrics.py). No position-embedding
@@ -18,14 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
 from .clip import ACTIVATIONS, CLIPEncoder, CLIPTextModel, LayerNorm
 from .config import CLIPConfig, from_hf_config
 from .errors import WeightsError
-from .loading import WEIGHTS_HELP, load_state, open_checkpoint, read_config
+from .loading import WEIGHTS_HELP, Rule, load_state, open_checkpoint, read_config
 
 
 @dataclass
@@ -49,14 +48,9 @@ CLIP_TEXT_DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2
 
 
 @dataclass
-class ViTConfig:
-    """transformers' ViTConfig fields; the defaults are its own (ViT-B/16)."""
+class ViTConfig(CLIPVisionConfig):
+    """transformers' ViTConfig fields: the same shape fields, its own defaults (ViT-B/16)."""
 
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    image_size: int = 224
     patch_size: int = 16
     layer_norm_eps: float = 1e-12
     hidden_act: str = "gelu"
@@ -140,62 +134,12 @@ class ViTEmbeddings(nn.Module):
         return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.position_embeddings
 
 
-class ViTSelfAttention(nn.Module):
-    def __init__(self, cfg: ViTConfig):
-        super().__init__()
-        D = cfg.hidden_size
-        self.num_heads = cfg.num_attention_heads
-        self.query, self.key, self.value = (nn.Linear(D, D, bias=cfg.qkv_bias) for _ in range(3))
-
-
-class ViTSelfOutput(nn.Module):
-    def __init__(self, cfg: ViTConfig):
-        super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-
-
-class ViTAttention(nn.Module):
-    def __init__(self, cfg: ViTConfig):
-        super().__init__()
-        self.attention, self.output = ViTSelfAttention(cfg), ViTSelfOutput(cfg)
-
-    def forward(self, x: Tensor) -> Tensor:
-        a = self.attention
-        q, k, v = (rearrange(p(x), "B L (H D) -> B H L D", H=a.num_heads) for p in (a.query, a.key, a.value))
-        out = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(head_dim)
-        return self.output.dense(rearrange(out, "B H L D -> B L (H D)"))
-
-
-class ViTIntermediate(nn.Module):
-    def __init__(self, cfg: ViTConfig):
-        super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-
-
-class ViTOutput(nn.Module):
-    def __init__(self, cfg: ViTConfig):
-        super().__init__()
-        self.dense = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-
-
-class ViTLayer(nn.Module):
-    def __init__(self, cfg: ViTConfig):
-        super().__init__()
-        self.act = ACTIVATIONS[cfg.hidden_act]
-        self.attention = ViTAttention(cfg)
-        self.intermediate, self.output = ViTIntermediate(cfg), ViTOutput(cfg)
-        self.layernorm_before = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.layernorm_after = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attention(self.layernorm_before(x))
-        return x + self.output.dense(self.act(self.intermediate.dense(self.layernorm_after(x))))
-
-
-class ViTEncoder(nn.Module):
-    def __init__(self, cfg: ViTConfig):
-        super().__init__()
-        self.layer = nn.ModuleList(ViTLayer(cfg) for _ in range(cfg.num_hidden_layers))
+# transformers' ViT layer is CLIP's pre-LN layer (clip.py) under other names; loading renames them
+VIT_RULES = [Rule(f"encoder.layers.{{i}}.{ours}.{{w}}", f"encoder.layer.{{i}}.{theirs}.{{w}}") for ours, theirs in (
+    ("self_attn.q_proj", "attention.attention.query"), ("self_attn.k_proj", "attention.attention.key"),
+    ("self_attn.v_proj", "attention.attention.value"), ("self_attn.out_proj", "attention.output.dense"),
+    ("layer_norm1", "layernorm_before"), ("mlp.fc1", "intermediate.dense"), ("mlp.fc2", "output.dense"),
+    ("layer_norm2", "layernorm_after"))]
 
 
 class ViTModel(nn.Module):
@@ -204,19 +148,17 @@ class ViTModel(nn.Module):
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
-        if cfg.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"ViT hidden_act {cfg.hidden_act!r} is not supported; known: {sorted(ACTIVATIONS)}")
+        if cfg.hidden_act not in ACTIVATIONS or not cfg.qkv_bias:
+            raise ValueError(f"ViT with hidden_act {cfg.hidden_act!r}, qkv_bias {cfg.qkv_bias} is not supported "
+                             f"(known activations: {sorted(ACTIVATIONS)}; q/k/v need biases)")
         self.config = cfg
         self.embeddings = ViTEmbeddings(cfg)
-        self.encoder = ViTEncoder(cfg)
+        self.encoder = CLIPEncoder(cfg, causal=False)  # keys renamed from ViT's by VIT_RULES
         self.layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, pixels: Tensor) -> Tensor:
         _check_size(pixels, self.config.image_size)
-        x = self.embeddings(pixels)
-        for layer in self.encoder.layer:
-            x = layer(x)
-        return self.layernorm(x)[:, 0]
+        return self.layernorm(self.encoder(self.embeddings(pixels)))[:, 0]
 
 
 # ---- loading ------------------------------------------------------------------------------------
@@ -257,5 +199,5 @@ def load_vit(path: str | Path, device="cpu", dtype: torch.dtype | None = torch.f
     with torch.device("meta"):
         model = ViTModel(from_hf_config(ViTConfig, cfg))
     ckpt = open_checkpoint(path, ("model.safetensors",), "model.safetensors.index.json")
-    load_state(model, ckpt, device=device, dtype=dtype, what="ViT (DINO) model", ignore=(r"^pooler\.",))
+    load_state(model, ckpt, VIT_RULES, device=device, dtype=dtype, what="ViT (DINO) model", ignore=(r"^pooler\.",))
     return model.eval().requires_grad_(False)

@@ -54,7 +54,12 @@ class Editor:
     def __init__(self, args, out: Path):
         self.args, self.edits_dir = args, out / "edits"
         self.from_dir = Path(args.edits) if args.edits else None
-        self.pipe, self.seconds, self.nfe, self.n = None, 0.0, 0, 0
+        self.pipe, self.judge, self.seconds, self.nfe, self.n = None, None, 0.0, 0, 0
+        if args.candidates > 1 and self.from_dir is None:  # checked before the minutes of loading
+            if not args.judge:
+                raise FluxMinimalError("--candidates > 1 needs a judge: --judge URL MODEL")
+            from infer.judge import VLMJudge
+            self.judge = VLMJudge(*args.judge)
         if self.from_dir is None:
             from infer.pipeline import ICEditPipeline
             self.pipe = ICEditPipeline.from_pretrained(args.weights, device=args.device, lora=args.lora)
@@ -67,7 +72,7 @@ class Editor:
             return Image.open(path).convert("RGB")
         a = self.args
         t0 = time.perf_counter()
-        kw = dict(candidates=a.candidates, early_steps=a.early_steps, judge=self.judge()) if a.candidates > 1 else {}
+        kw = dict(candidates=a.candidates, early_steps=a.early_steps, judge=self.judge) if self.judge else {}
         out = self.pipe.edit(image, instruction, width=a.width, steps=a.steps, guidance=a.guidance, seed=seed,
                              progress=False, min_side=1, **kw)
         self.seconds += time.perf_counter() - t0
@@ -78,11 +83,6 @@ class Editor:
         save_png(out, path, {"instruction": instruction, "seed": str(seed)}, keep=True)
         return out
 
-    def judge(self):
-        from infer.judge import VLMJudge
-        if not self.args.judge:
-            raise FluxMinimalError("--candidates > 1 needs a judge: --judge URL MODEL")
-        return VLMJudge(*self.args.judge)
 
 
 def score_session(bench: str, s: Session, editor: Editor, metrics, vie, seed: int) -> dict:
@@ -151,8 +151,8 @@ def summarize(bench: str, rows: list[dict], per_edit: dict) -> str:
     if bench == "magicbrush":
         final = {c: mean(r["final"].get(c) for r in rows) for c in cols}
         every = {c: mean(t.get(c) for r in rows for t in r["all"]) for c in cols}
-        lines += [f"| ours, final turn | " + " | ".join(fmt(final[c]) for c in cols) + " |",
-                  f"| ours, all turns | " + " | ".join(fmt(every[c]) for c in cols) + " |"]
+        lines += ["| ours, final turn | " + " | ".join(fmt(final[c]) for c in cols) + " |",
+                  "| ours, all turns | " + " | ".join(fmt(every[c]) for c in cols) + " |"]
         n = f"{len(rows)} sessions, {sum(r['turns'] for r in rows)} turns"
     else:
         ours = {c: mean(r.get(c) for r in rows) for c in cols}

@@ -215,9 +215,9 @@ def test_parquet_readers(tmp_path):
             assert left[1] > 0.9 and right.min() > 0.9 and ("whiten it" in prompt or "make it white" in prompt)
 
 
-def write_magicbrush_parquet(path: Path, rows: int, side: int = 64, group: int = 3, noise: bool = False) -> Path:
+def write_magicbrush_parquet(path: Path, rows: int, side: int = 64, group: int = 3) -> Path:
     """A parquet file in MagicBrush's schema, `group` rows per row group: row k's source is grey level
-    k (or random noise, which PNG cannot compress: big files fast), its target inverted."""
+    k, its target inverted (so a test can tell which row it got)."""
     pa = pytest.importorskip("pyarrow")
     import io
 
@@ -227,12 +227,11 @@ def write_magicbrush_parquet(path: Path, rows: int, side: int = 64, group: int =
         buf = io.BytesIO()
         Image.fromarray(a).save(buf, format="PNG", compress_level=0)
         return {"bytes": buf.getvalue(), "path": None}
-    rng = np.random.default_rng(0)
     writer = None
     for g0 in range(0, rows, group):
         batch = []
         for k in range(g0, min(rows, g0 + group)):
-            a = rng.integers(0, 256, (side, side, 3), dtype=np.uint8) if noise else np.full((side, side, 3), k, np.uint8)
+            a = np.full((side, side, 3), k, np.uint8)
             batch.append({"img_id": str(k), "turn_index": 1, "source_img": png(a), "mask_img": png(a),
                           "instruction": f"edit {k}", "target_img": png(255 - a)})
         table = pa.Table.from_pylist(batch)
@@ -274,8 +273,11 @@ def test_parquet_is_read_lazily_a_row_group_at_a_time(tmp_path, monkeypatch):
 def test_host_memory_does_not_grow_with_the_parquet_file(snapshot, tmp_path):
     """Two training steps on a ~100 MB parquet file peak at most 60 MB above the same run on a
     one-group file (reading the whole file, as before, costs twice its size)."""
-    small = write_magicbrush_parquet(tmp_path / "small.parquet", rows=4, side=512, group=4, noise=True)
-    big = write_magicbrush_parquet(tmp_path / "big.parquet", rows=64, side=512, group=4, noise=True)
+    pytest.importorskip("pyarrow")
+    from train.bench_data import make_parquet  # noise PNGs, which do not compress: a big file fast
+    small, big = tmp_path / "small.parquet", tmp_path / "big.parquet"
+    make_parquet(small, rows=4, side=512, group=4)
+    make_parquet(big, rows=64, side=512, group=4)
     assert big.stat().st_size > 90e6
 
     def peak_mb(data, out):

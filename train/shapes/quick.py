@@ -25,7 +25,7 @@ from flux_minimal.errors import run_cli
 from flux_minimal.images import make_diptych, right_half_mask, to_tensor
 from flux_minimal.lora import add_lora
 from flux_minimal.mmdit import load_flux
-from flux_minimal.sampling import Conditioning, fill_conditioning, image_ids, noisy_sample, pack, vae_down
+from flux_minimal.sampling import Conditioning, fill_conditioning, flow_matching_mse, image_ids, pack, vae_down
 from flux_minimal.text import PromptEncoder
 from flux_minimal.vae import load_vae
 from train.shapes import world
@@ -36,11 +36,7 @@ SIZE = 64
 
 def make_example(rng: np.random.Generator, edit_type: str, objects: int, shape_ref: bool) -> world.EditExample:
     """A world edit, on a scene of exactly `objects` objects when > 0, optionally shape-referenced."""
-    if objects:
-        while (record := world._MAKERS[edit_type](rng, world.random_scene(rng, objects))) is None:
-            pass
-    else:
-        record = world.make_edit_record(rng, edit_type)
+    record = world.make_edit_record(rng, edit_type, objects or None)
     if shape_ref and record.obj is not None:
         o = record.source.objects[record.obj]
         record = replace(record, instruction=record.instruction.replace(o.name, o.shape))
@@ -76,15 +72,11 @@ def encode(vae, text: PromptEncoder, exs: list[world.EditExample], chunk: int = 
 
 
 def velocity_error(flux, data: dict, idx: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """[B, L] squared error of the model's velocity (the training objective, per token)."""
+    """[B, L]: the training objective (ICEdit's, guidance 1) per token."""
     B = len(idx)
-    ids = image_ids(B, SIZE, 2 * SIZE, down=data["down"])
-    x0 = data["x0"][idx]
-    cond = Conditioning(ids, data["txt"][idx], torch.zeros(B, data["txt"].shape[1], 3), data["vec"][idx],
-                        data["cond"][idx])
-    v = flux(img=torch.cat([noisy_sample(x0, eps, t), cond.img_cond], dim=-1), img_ids=ids, txt=cond.txt,
-             txt_ids=cond.txt_ids, timesteps=t, y=cond.vec, guidance=torch.ones(B))
-    return (v.float() - (eps - x0)).square().mean(-1)
+    cond = Conditioning(image_ids(B, SIZE, 2 * SIZE, down=data["down"]), data["txt"][idx],
+                        torch.zeros(B, data["txt"].shape[1], 3), data["vec"][idx], data["cond"][idx])
+    return flow_matching_mse(flux, data["x0"][idx], eps, t, cond, torch.ones(B), per_token=True)
 
 
 @torch.no_grad()

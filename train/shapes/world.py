@@ -434,13 +434,15 @@ _MAKERS = {"remove": _edit_remove, "add": _edit_add, "replace": _edit_replace, "
            "size": _edit_size, "background": _edit_background, "move": _edit_move}
 
 
-def make_edit_record(rng: np.random.Generator, edit_type: str | None = None) -> EditRecord:
-    """A random edit of the given type (any type when None), on fresh random scenes until one allows it."""
+def make_edit_record(rng: np.random.Generator, edit_type: str | None = None, n_objects: int | None = None
+                     ) -> EditRecord:
+    """A random edit of the given type (any type when None), on fresh random scenes (of n_objects
+    objects when given, else 1-4) until one allows it."""
     if edit_type is None:
         edit_type = EDIT_TYPES[rng.integers(len(EDIT_TYPES))]
     if edit_type not in _MAKERS:
         raise ValueError(f"unknown edit type {edit_type!r}; expected one of {EDIT_TYPES}")
-    while (record := _MAKERS[edit_type](rng, random_scene(rng))) is None:
+    while (record := _MAKERS[edit_type](rng, random_scene(rng, n_objects))) is None:
         pass
     return record
 
