@@ -2,9 +2,15 @@
 
     img [B, L, in] --img_in--> [B, L, D]          txt [B, T, 4096] --txt_in--> [B, T, D]
     vec = time_in(emb(t)) + guidance_in(emb(g)) + vector_in(y)          [B, D]
+    adaLN: every block's (shift, scale, gate) vectors = lin(SiLU(vec))  [B, 1, k D]
     19 x DoubleStreamBlock: separate weights per stream, one joint attention over [txt; img]
     38 x SingleStreamBlock: one stream x = [txt; img], attention and MLP in parallel
-    final_layer(x[:, T:], vec) -> velocity [B, L, 64]
+    final_layer(x[:, T:], its adaLN) -> velocity [B, L, 64]
+
+The adaLN vectors and the rotary table depend only on (t, guidance, pooled text) and on the
+position ids, all known before sampling starts: `Flux.precompute` makes them for every step of an
+edit at once (one GEMM per block over all steps instead of one per step: the modulation weights,
+a quarter of the model, are read once per edit), and `forward(..., pre=...)` takes them.
 
 Exact maths (and the traps) in docs/flux.md sections 1 and 2.
 """
@@ -92,18 +98,22 @@ class ModulationOut:
         return (1 + self.scale) * x_normed + self.shift
 
 
+def modulation_outs(mod: Tensor, n: int) -> list[ModulationOut]:
+    """[B, 1, 3n D] adaLN vectors -> n (shift, scale, gate) triples, in the checkpoint's order."""
+    c = mod.chunk(3 * n, dim=-1)
+    return [ModulationOut(*c[3 * j:3 * j + 3]) for j in range(n)]
+
+
 class Modulation(nn.Module):
-    """adaLN: lin(SiLU(vec)) chunked into (shift, scale, gate), twice for a double block."""
+    """adaLN: lin(SiLU(vec)) -> [B, 1, k D], read as (shift, scale, gate) once (k = 3) or twice (k = 6)."""
 
     def __init__(self, dim: int, double: bool):
         super().__init__()
-        self.is_double = double
         self.multiplier = 6 if double else 3
         self.lin = nn.Linear(dim, self.multiplier * dim, bias=True)
 
-    def forward(self, vec: Tensor) -> tuple[ModulationOut, ModulationOut | None]:
-        out = self.lin(nn.functional.silu(vec))[:, None, :].chunk(self.multiplier, dim=-1)
-        return ModulationOut(*out[:3]), ModulationOut(*out[3:]) if self.is_double else None
+    def forward(self, vec: Tensor) -> Tensor:
+        return self.lin(nn.functional.silu(vec))[:, None, :]
 
 
 def _layer_norm(dim: int) -> nn.LayerNorm:
@@ -131,9 +141,13 @@ class DoubleStreamBlock(nn.Module):
         q, k = attn.norm(q, k, v)
         return q, k, v
 
-    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
-        img_mod1, img_mod2 = self.img_mod(vec)
-        txt_mod1, txt_mod2 = self.txt_mod(vec)
+    def adaln(self, vec: Tensor) -> Tensor:
+        """[B, D] -> [B, 1, 12 D]: img_mod's two (shift, scale, gate) triples, then txt_mod's."""
+        return torch.cat((self.img_mod(vec), self.txt_mod(vec)), dim=-1)
+
+    def forward(self, img: Tensor, txt: Tensor, mod: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
+        """img [B, L, D], txt [B, T, D], mod = self.adaln(vec) [B, 1, 12 D], pe the rotary table."""
+        img_mod1, img_mod2, txt_mod1, txt_mod2 = modulation_outs(mod, 4)
 
         img_q, img_k, img_v = self._qkv(self.img_attn, img_mod1.apply(self.img_norm1(img)))
         txt_q, txt_k, txt_v = self._qkv(self.txt_attn, txt_mod1.apply(self.txt_norm1(txt)))
@@ -166,8 +180,13 @@ class SingleStreamBlock(nn.Module):
         self.mlp_act = nn.GELU(approximate="tanh")
         self.modulation = Modulation(hidden_size, double=False)
 
-    def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
-        mod, _ = self.modulation(vec)
+    def adaln(self, vec: Tensor) -> Tensor:
+        """[B, D] -> [B, 1, 3 D]: one (shift, scale, gate) triple."""
+        return self.modulation(vec)
+
+    def forward(self, x: Tensor, mod: Tensor, pe: Tensor) -> Tensor:
+        """x [B, T+L, D], mod = self.adaln(vec) [B, 1, 3 D], pe the rotary table."""
+        (mod,) = modulation_outs(mod, 1)
         qkv, mlp = torch.split(self.linear1(mod.apply(self.pre_norm(x))),
                                [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
@@ -184,10 +203,28 @@ class LastLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
-    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=1)  # shift first (diffusers: scale first)
-        x = (1 + scale[:, None, :]) * self.norm_final(x) + shift[:, None, :]
-        return self.linear(x)
+    def adaln(self, vec: Tensor) -> Tensor:
+        """[B, D] -> [B, 1, 2 D]: shift, then scale (diffusers' norm_out: scale first)."""
+        return self.adaLN_modulation(vec)[:, None, :]
+
+    def forward(self, x: Tensor, mod: Tensor) -> Tensor:
+        shift, scale = mod.chunk(2, dim=-1)
+        return self.linear((1 + scale) * self.norm_final(x) + shift)
+
+
+@dataclass
+class StepInputs:
+    """What every denoising step of one edit shares or knows in advance (`Flux.precompute`):
+    the rotary table and, for each of S steps, every block's adaLN vectors."""
+
+    pe: Tensor  # [B, 1, T+L, head_dim/2, 2, 2] float32
+    adaln: list[Tensor]  # per double block, single block, then the final layer: [S, B, 1, k D]
+
+    def step(self, i: int | Tensor) -> "StepInputs":
+        """Step i's inputs (i an int, or a 1-element device tensor: CUDA graphs replay it)."""
+        if isinstance(i, Tensor):
+            return StepInputs(self.pe, [m.index_select(0, i)[0] for m in self.adaln])
+        return StepInputs(self.pe, [m[i] for m in self.adaln])
 
 
 class Flux(nn.Module):
@@ -215,35 +252,57 @@ class Flux(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor,
-                y: Tensor, guidance: Tensor | None = None) -> Tensor:
-        """img [B, L, in_channels], img_ids [B, L, 3], txt [B, T, context_in_dim], txt_ids [B, T, 3],
-        timesteps sigma in [0, 1] [B], y pooled CLIP [B, vec_in_dim], guidance raw scale [B]
-        -> velocity [B, L, out_channels]."""
-        if img.ndim != 3 or txt.ndim != 3:
-            raise ValueError(f"img and txt must be [B, L, C]; got {tuple(img.shape)} and {tuple(txt.shape)}")
+    def embed_vec(self, timesteps: Tensor, y: Tensor, guidance: Tensor | None) -> Tensor:
+        """The conditioning vector [B, D] from sigma [B], pooled CLIP [B, vec_in_dim], guidance [B]."""
         # Everything enters in the weights' dtype; sigma and guidance are rounded to it before the
         # x1000 of the embedding, as in BFL and diffusers (guidance 30 in bf16 -> 29952).
         dtype = self.img_in.weight.dtype
-        img, txt, y, timesteps = img.to(dtype), txt.to(dtype), y.to(dtype), timesteps.to(dtype)
-        img = self.img_in(img)
-        vec = self.time_in(timestep_embedding(timesteps, 256))
+        vec = self.time_in(timestep_embedding(timesteps.to(dtype), 256))
         if self.params.guidance_embed:
             if guidance is None:
                 raise ValueError("this model is guidance-distilled: pass `guidance` (e.g. 50.0 for ICEdit)")
             vec = vec + self.guidance_in(timestep_embedding(guidance.to(dtype), 256))
-        vec = vec + self.vector_in(y)
-        txt = self.txt_in(txt)
+        return vec + self.vector_in(y.to(dtype))
 
-        ids = torch.cat((txt_ids, img_ids), dim=1)  # [B, T+L, 3]
-        pe = self.pe_embedder(ids)  # [B, 1, T+L, head_dim/2, 2, 2] float32
+    def adaln(self, vec: Tensor) -> list[Tensor]:
+        """Every block's adaLN vectors, then the final layer's: [N, 1, k D] each for vec [N, D]."""
+        return [b.adaln(vec) for b in (*self.double_blocks, *self.single_blocks, self.final_layer)]
+
+    def rope(self, txt_ids: Tensor, img_ids: Tensor) -> Tensor:
+        """The rotary table of the joint sequence [txt; img]: [B, 1, T+L, head_dim/2, 2, 2] float32."""
+        return self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
+
+    @torch.no_grad()
+    def precompute(self, timesteps: Tensor, y: Tensor, guidance: Tensor | None, txt_ids: Tensor,
+                   img_ids: Tensor) -> StepInputs:
+        """The inputs of S steps at once: timesteps [S] sigmas, y [B, vec_in_dim], guidance [B].
+        Row s * B + b of each batched GEMM is step s of sample b; the maths is the per-step path's."""
+        S, B = timesteps.shape[0], y.shape[0]
+        vec = self.embed_vec(timesteps[:, None].expand(S, B).reshape(-1), y.repeat(S, 1),
+                             None if guidance is None else guidance.repeat(S))  # [S B, D]
+        adaln = [m.unflatten(0, (S, B)) for m in self.adaln(vec)]  # [S, B, 1, k D] each
+        return StepInputs(self.rope(txt_ids, img_ids), adaln)
+
+    def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor | None,
+                y: Tensor | None, guidance: Tensor | None = None, pre: StepInputs | None = None) -> Tensor:
+        """img [B, L, in_channels], img_ids [B, L, 3], txt [B, T, context_in_dim], txt_ids [B, T, 3],
+        timesteps sigma in [0, 1] [B], y pooled CLIP [B, vec_in_dim], guidance raw scale [B]
+        -> velocity [B, L, out_channels]. With `pre` (one step of `precompute`), timesteps, y and
+        guidance are not read, and neither are the ids."""
+        if img.ndim != 3 or txt.ndim != 3:
+            raise ValueError(f"img and txt must be [B, L, C]; got {tuple(img.shape)} and {tuple(txt.shape)}")
+        dtype = self.img_in.weight.dtype
+        if pre is None:
+            pre = StepInputs(self.rope(txt_ids, img_ids), self.adaln(self.embed_vec(timesteps, y, guidance)))
+        img, txt = self.img_in(img.to(dtype)), self.txt_in(txt.to(dtype))
+        mods, pe = iter(pre.adaln), pre.pe
 
         for block in self.double_blocks:
-            img, txt = self._run(block, img, txt, vec, pe)
+            img, txt = self._run(block, img, txt, next(mods), pe)
         x = torch.cat((txt, img), dim=1)
         for block in self.single_blocks:
-            x = self._run(block, x, vec, pe)
-        return self.final_layer(x[:, txt.shape[1]:], vec)  # [B, L, out_channels]
+            x = self._run(block, x, next(mods), pe)
+        return self.final_layer(x[:, txt.shape[1]:], next(mods))  # [B, L, out_channels]
 
 
 # ---- loading ------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
 """Attention, rotary position embedding and the timestep embedding: the only place they live.
 
 `attention` is the one switch point for attention backends: every block of the MM-DiT calls it,
-so a faster kernel plugs in here (`register_attention_backend`) and nowhere else.
+so a faster kernel plugs in here (`register_attention_backend`) and nowhere else. Built in:
+"sdpa" (torch picks the kernel), and "flash", "cudnn", "efficient", "math", which force one of
+torch's scaled-dot-product kernels (`set_attention_backend(name, device, dtype)` checks that it
+runs there). The profiler (`python -m infer.profile`) shows which kernel ran.
 """
 
 import math
@@ -11,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -18,7 +22,22 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v)
 
 
-_BACKENDS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {"sdpa": sdpa}
+def forced_sdpa(kernel: SDPBackend) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """sdpa restricted to one of torch's kernels (an error, not a silent fallback, if it cannot run)."""
+    def fn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        with sdpa_kernel([kernel]):
+            return F.scaled_dot_product_attention(q, k, v)
+    return fn
+
+
+_BACKENDS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
+    "sdpa": sdpa,
+    "flash": forced_sdpa(SDPBackend.FLASH_ATTENTION),
+    "cudnn": forced_sdpa(SDPBackend.CUDNN_ATTENTION),
+    "efficient": forced_sdpa(SDPBackend.EFFICIENT_ATTENTION),
+    "math": forced_sdpa(SDPBackend.MATH),
+}
+ATTENTION_BACKENDS = tuple(_BACKENDS)
 _backend = "sdpa"
 
 
@@ -27,11 +46,26 @@ def register_attention_backend(name: str, fn: Callable[[Tensor, Tensor, Tensor],
     _BACKENDS[name] = fn
 
 
-def set_attention_backend(name: str) -> None:
+def set_attention_backend(name: str, device: "torch.device | str | None" = None, dtype: torch.dtype | None = None,
+                          head_dim: int = 128) -> None:
+    """Route every attention through backend `name`. With a device (and dtype), first check that it
+    runs there at FLUX's head size, and say so plainly if not (e.g. flash needs a GPU and bf16/fp16)."""
     global _backend
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; registered: {sorted(_BACKENDS)}")
+    if device is not None:
+        q = torch.zeros(1, 1, 16, head_dim, device=device, dtype=dtype or torch.float32)
+        try:
+            _BACKENDS[name](q, q, q)
+        except RuntimeError as e:
+            reason = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
+            raise ValueError(f"attention backend {name!r} cannot run on {torch.device(device)} in "
+                             f"{dtype or torch.float32}: {reason}. Use 'sdpa' to let torch choose.") from None
     _backend = name
+
+
+def attention_backend() -> str:
+    return _backend
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:

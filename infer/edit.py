@@ -27,6 +27,7 @@ import torch
 from flux_minimal.errors import FluxMinimalError, run_cli
 from flux_minimal.files import check_folder, check_output
 from flux_minimal.images import save_png
+from flux_minimal.ops import ATTENTION_BACKENDS
 
 REPO = Path(__file__).resolve().parent.parent
 # Presets: weights shipped with the repository, with the defaults they were trained for.
@@ -58,6 +59,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--offload", choices=["none", "model", "blocks"], default="none",
                     help="model: one big model on the GPU at a time (text encoders, then the DiT); "
                          "blocks: also stream the DiT blocks that do not fit (weights.md: memory)")
+    ap.add_argument("--no-merge-lora", action="store_true",
+                    help="keep a plain LoRA apart from the weights (default: folded in at load, no cost per step)")
+    ap.add_argument("--compile", action="store_true", help="regional torch.compile of the DiT blocks (infer/fast.py)")
+    ap.add_argument("--cuda-graphs", action="store_true", help="replay each denoising step from a CUDA graph")
+    ap.add_argument("--attention", choices=ATTENTION_BACKENDS, default="sdpa",
+                    help="scaled-dot-product kernel: sdpa lets torch choose; the others force one")
     ap.add_argument("--candidates", type=int, default=1, help="early-filter scaling: noise candidates (M)")
     ap.add_argument("--early-steps", type=int, default=10, help="early-filter scaling: preview steps (m)")
     ap.add_argument("--preview", choices=["short", "x0"], default="short")
@@ -101,7 +108,9 @@ def main(argv=None) -> int:
         judge = VLMJudge(args.judge_url, args.judge_model, both_orders=args.judge_both_orders)
 
     pipe = ICEditPipeline.from_pretrained(weights, device=args.device, dtype=DTYPES.get(args.dtype), lora=lora,
-                                          lora_scale=args.lora_scale, offload=args.offload)
+                                          lora_scale=args.lora_scale, offload=args.offload,
+                                          merge_lora=not args.no_merge_lora, compile=args.compile,
+                                          cuda_graphs=args.cuda_graphs, attention=args.attention)
     kwargs = dict(width=width, steps=steps, guidance=guidance, seed=args.seed, candidates=args.candidates,
                   early_steps=args.early_steps, preview=args.preview, judge=judge,
                   save_candidates=args.save_candidates, progress=not args.no_progress)

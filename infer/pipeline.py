@@ -25,12 +25,13 @@ from flux_minimal.images import (IC_PROMPT, MIN_SIDE, fit_width, ic_prompt, load
                                  right_half_mask, to_pil, to_tensor)
 from flux_minimal.loading import WEIGHTS_HELP
 from flux_minimal.mmdit import Flux, load_flux, require_fill
+from flux_minimal.ops import set_attention_backend
 from flux_minimal.sampling import (Conditioning, DenoiseState, denoise, fill_conditioning, get_noise, get_schedule,
                                    image_ids, pack, unpack, vae_down)
 from flux_minimal.text import PromptEncoder
 from flux_minimal.vae import load_vae
+from infer.fast import GraphedDenoiser, compile_blocks
 from infer.offload import OFFLOAD_MODES, Visitor, block_budget, offload_dit
-
 
 
 @dataclass
@@ -83,9 +84,14 @@ def peak_memory(device: torch.device) -> dict:
 
 class ICEditPipeline:
     def __init__(self, flux: Flux, vae, text: PromptEncoder, device="cpu", offload: str = "none",
-                 files: str = ""):
+                 files: str = "", compile: bool = False, cuda_graphs: bool = False):
+        """compile: regional torch.compile of the DiT's blocks; cuda_graphs: each denoising step
+        replayed from a CUDA graph captured once per shape (infer/fast.py; a CPU runs the same
+        static-buffer step eagerly)."""
         if offload not in OFFLOAD_MODES:
             raise FluxMinimalError(f"offload must be one of {OFFLOAD_MODES}, not {offload!r}")
+        if cuda_graphs and offload == "blocks":
+            raise FluxMinimalError("cuda_graphs needs the whole DiT on the GPU; it cannot stream blocks (offload='blocks')")
         self.flux, self.vae, self.text = flux, vae, text
         self.device, self.offload, self.files = torch.device(device), offload, files
         self.last_report: dict = {}
@@ -94,16 +100,25 @@ class ICEditPipeline:
             self._text = Visitor([text.t5, text.clip], self.device)
             budget = float("inf") if offload == "model" else block_budget(self.device)
             self._dit = offload_dit(flux, self.device, budget)
+        if compile:
+            compile_blocks(flux)
+        self._graphed = GraphedDenoiser(flux) if cuda_graphs else None
 
     @classmethod
     def from_pretrained(cls, path: "str | Path", device="cpu", dtype: torch.dtype | None = None,
                         lora: "str | Path | None" = None, lora_scale: float = 1.0, offload: str = "none",
-                        max_length: int | None = None) -> "ICEditPipeline":
+                        max_length: int | None = None, merge_lora: bool = True, vae_dtype: torch.dtype | None = None,
+                        compile: bool = False, cuda_graphs: bool = False,
+                        attention: str | None = None) -> "ICEditPipeline":
         """Load a FLUX.1-Fill-dev snapshot folder: diffusers layout (transformer/, vae/, text_encoder/,
         text_encoder_2/, tokenizer/, tokenizer_2/) or the BFL files flux1-fill-dev.safetensors and
-        ae.safetensors beside the text folders. dtype=None: bfloat16 on CUDA, float32 on the CPU.
+        ae.safetensors beside the text folders. dtype=None: bfloat16 on CUDA, float32 on the CPU;
+        the VAE likewise (vae_dtype; its bf16 error is in the README's benchmark notes).
         offload: "none", "model" or "blocks" (infer/offload.py: one big model on the GPU at a time,
-        and optionally streamed DiT blocks).
+        and optionally streamed DiT blocks). merge_lora: fold a plain LoRA into the weights it adapts
+        (no cost per step; a LoRA-MoE's routed layers stay apart, on the fused kernel).
+        compile, cuda_graphs: infer/fast.py. attention: a backend of flux_minimal.ops ("sdpa",
+        "flash", "cudnn", "efficient", "math"), checked on `device` first.
         """
         root, device = Path(path), torch.device(device)
         if not root.is_dir():
@@ -111,17 +126,25 @@ class ICEditPipeline:
         if offload not in OFFLOAD_MODES:
             raise FluxMinimalError(f"offload must be one of {OFFLOAD_MODES}, not {offload!r}")
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        if attention is not None:
+            try:
+                set_attention_backend(attention, device, dtype)
+            except ValueError as e:
+                raise FluxMinimalError(str(e)) from None
         stay = device if offload == "none" else "cpu"  # offloaded weights stay in host memory
-        # The VAE is small (84M parameters): float32 everywhere for clean decodes.
-        vae = load_vae(root, device=device, dtype=torch.float32)
+        vae = load_vae(root, device=device, dtype=vae_dtype or dtype)
         flux = load_flux(root, device=stay, dtype=dtype)
         require_fill(flux, root, vae_down(vae))
         if lora is not None:
             from flux_minimal.lora import load_lora
+            from flux_minimal.lora import merge_lora as merge
             load_lora(flux, lora, scale=lora_scale)
+            if merge_lora:
+                merge(flux)
         text = PromptEncoder.from_pretrained(root, device=stay, dtype=dtype, max_length=max_length)
         files = f"{root.name}" + (f" + LoRA {Path(lora).name} x{lora_scale}" if lora else "")
-        return cls(flux, vae, text, device=device, offload=offload, files=files)
+        return cls(flux, vae, text, device=device, offload=offload, files=files, compile=compile,
+                   cuda_graphs=cuda_graphs)
 
     # ---- the stages ---------------------------------------------------------------------------------
 
@@ -167,9 +190,11 @@ class ICEditPipeline:
             from tqdm import tqdm
             total = (stop if stop is not None else len(state.timesteps) - 1) - state.step
             bar = tqdm(total=total, desc=desc, unit="step", leave=False)
+        update = (lambda s: bar.update(1)) if bar else None
         try:
-            return denoise(self.flux, state, job.cond, guidance, stop=stop,
-                           callback=(lambda s: bar.update(1)) if bar else None)
+            if self._graphed is not None:
+                return self._graphed.denoise(state, job.cond, guidance, stop=stop, callback=update)
+            return denoise(self.flux, state, job.cond, guidance, stop=stop, callback=update)
         finally:
             if bar is not None:
                 bar.close()

@@ -125,7 +125,9 @@ class _Groups:
 def _group_by_expert(expert: Tensor, num_experts: int, block_t: int) -> _Groups:
     T, E = expert.shape[0], num_experts
     order = torch.argsort(expert, stable=True)
-    counts = torch.bincount(expert, minlength=E)                   # (E,)
+    # counts per expert as a scatter-add: bincount's output size depends on max(expert), so on CUDA
+    # it reads it back to the host (a sync per call) and torch.compile cannot trace it.
+    counts = torch.zeros(E, dtype=torch.int64, device=expert.device).scatter_add_(0, expert, torch.ones_like(expert))
     seg_end = counts.cumsum(0)
     seg_start = seg_end - counts
     tiles = (counts + block_t - 1) // block_t                     # (E,) tiles per expert
