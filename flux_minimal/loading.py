@@ -150,6 +150,10 @@ class Checkpoint:
         f, k = self._where[key]
         return f.shape(k)
 
+    def dtype(self, key: str) -> torch.dtype:
+        f, k = self._where[key]
+        return f.dtype(k)
+
     def file_of(self, key: str) -> Path:
         return self._where[key][0].path
 
@@ -270,10 +274,13 @@ def _listing(keys: list[str], n: int = 5) -> str:
 
 
 def load_state(model: nn.Module, ckpt: Checkpoint, rules: list[Rule] = (), *, device="cpu",
-               dtype: torch.dtype | None = None, ignore: tuple[str, ...] = (), what: str = "model") -> nn.Module:
+               dtype: torch.dtype | None = None, ignore: tuple[str, ...] = (), what: str = "model",
+               convert: Callable[[str, Tensor], Tensor] | None = None) -> nn.Module:
     """Fill a meta-device `model` from `ckpt`, strictly: every key of the model must come from the
     checkpoint with the right shape, and every checkpoint key must be used (except those matching
-    the `ignore` regexes). dtype=None keeps each tensor's file dtype; floating tensors only are cast."""
+    the `ignore` regexes). dtype=None keeps each tensor's file dtype; floating tensors only are cast.
+    `convert(key, tensor)`, when given, makes the model's tensor from the file's instead (one at a
+    time: e.g. FP8 quantization while loading, flux_minimal/fp8.py); it returns it on `device`."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
     plan, missing, wrong, used = {}, [], [], set()
     for key, shape in expected.items():
@@ -304,7 +311,7 @@ def load_state(model: nn.Module, ckpt: Checkpoint, rules: list[Rule] = (), *, de
         ts = [ckpt.tensor(s) for s in srcs]
         t = ts[0] if combine is None else combine(ts)
         target_dtype = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
-        state[key] = t.to(device=device, dtype=target_dtype)  # no copy when already there
+        state[key] = convert(key, t) if convert else t.to(device=device, dtype=target_dtype)  # no copy when already there
         if state[key].data_ptr() != ts[0].data_ptr():  # a copy was made: the mapped pages can go
             for s in srcs:
                 ckpt.release(s)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import WeightsError
+from .fp8 import FP8Linear, fp8_forward
 from .loading import Checkpoint, swap_halves
 from .mmdit import FLUX_FROM_DIFFUSERS, Flux
 
@@ -112,16 +113,26 @@ def part_rows(linear: nn.Linear, n_parts: int, hidden: int) -> list[tuple[int, i
 class LoRALinear(nn.Linear):
     """An nn.Linear (same `weight` and `bias`, same keys) with LoRA parts or LoRA experts."""
 
-    def __init__(self, base: nn.Linear, rows: list[tuple[int, int]]):
+    def __init__(self, base: "nn.Linear | FP8Linear", rows: list[tuple[int, int]]):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
+        self.fp8 = isinstance(base, FP8Linear)  # an FP8 base weight: its scales come along
+        if self.fp8:
+            self.register_buffer("weight_scale", base.weight_scale, persistent=False)
         self.rows = rows  # the row range of each part
         self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
         self.scales: dict[str, float] = {}  # part -> alpha / r (the user's scale is applied on top)
         self.scale = 1.0
         self.lora_route: nn.Parameter | None = None  # set for MoE: lora_A/lora_B hold "experts"
         self.merged = False
+
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        """The adapters' dtype: the weight's, or for an FP8 weight the compute dtype (the bias's; bf16)."""
+        if not self.fp8:
+            return self.weight.dtype
+        return self.bias.dtype if self.bias is not None else torch.bfloat16
 
     @property
     def is_moe(self) -> bool:
@@ -145,12 +156,17 @@ class LoRALinear(nn.Linear):
         """The plain LoRA part as a weight update [rows, in], in float32."""
         return self.scale * self.scales[part] * (self.lora_B[part].float() @ self.lora_A[part].float())
 
+    def base(self, x: Tensor) -> Tensor:
+        """x W^T + b, from the FP8 weight and its scales when the base is FP8."""
+        return fp8_forward(x, self.weight, self.weight_scale, self.bias) if self.fp8 else F.linear(x, self.weight, self.bias)
+
     def forward(self, x: Tensor) -> Tensor:
         if self.is_moe:
             from kernels.lora_moe import lora_moe_linear  # Triton is imported only where MoE layers exist
             A, B, R = (t.to(x.dtype) for t in (self.lora_A["experts"], self.lora_B["experts"], self.lora_route))
-            return lora_moe_linear(x, self.weight, self.bias, A, B, R, scale=self.scale * self.scales["experts"])
-        y = F.linear(x, self.weight, self.bias)
+            return lora_moe_linear(x, self.weight, self.bias, A, B, R, scale=self.scale * self.scales["experts"],
+                                   base_out=self.base(x) if self.fp8 else None)
+        y = self.base(x)
         if self.merged or not self.lora_A:
             return y
         parts = sorted(self.lora_A, key=lambda p: self.rows[int(p)][0])
@@ -179,7 +195,7 @@ def lora_layer(model: Flux, module: str, n_parts: int) -> LoRALinear:
     layer = _get(model, module)
     if isinstance(layer, LoRALinear):
         return layer
-    if not isinstance(layer, nn.Linear):
+    if not isinstance(layer, (nn.Linear, FP8Linear)):
         raise WeightsError(f"{module} is a {type(layer).__name__}, not a linear layer: it cannot take a LoRA")
     new = LoRALinear(layer, part_rows(layer, n_parts, model.params.hidden_size))
     parent, _, child = module.rpartition(".")
@@ -318,7 +334,7 @@ def _find_official(keys: list[str]) -> tuple[dict[Target, _Found], list[str]]:
 def _set_experts(ckpt: Checkpoint, layer: LoRALinear, module: str, f: _Found, alpha: float | None) -> str | None:
     """Install LoRA experts; returns what is wrong with them, if anything."""
     def get(key: str) -> Tensor:
-        return ckpt.tensor(key).to(layer.weight.device, layer.weight.dtype)
+        return ckpt.tensor(key).to(layer.weight.device, layer.adapter_dtype)
     idx = sorted(f.A)
     if idx != list(range(len(idx))) or sorted(f.B) != idx:
         return f"{module}: experts {idx} are incomplete (need lora_A and lora_B of 0..N-1)"
@@ -342,7 +358,7 @@ def _add_part(ckpt: Checkpoint, layer: LoRALinear, target: Target, f: _Found, al
     if set(f.A) != {0} or set(f.B) != {0}:
         have = [n for n, d in (("lora_A", f.A), ("lora_B", f.B)) if d]
         return f"{target.module} part {target.part}: needs both lora_A and lora_B, has {have}"
-    A, B = (ckpt.tensor(k).to(layer.weight.device, layer.weight.dtype) for k in (f.A[0], f.B[0]))
+    A, B = (ckpt.tensor(k).to(layer.weight.device, layer.adapter_dtype) for k in (f.A[0], f.B[0]))
     start, end = layer.rows[target.part]
     if A.shape[1] != layer.in_features or B.shape[0] != end - start or A.shape[0] != B.shape[1]:
         return (f"{f.A[0]}: A {list(A.shape)} and B {list(B.shape)} do not fit {target.module} "
@@ -351,13 +367,8 @@ def _add_part(ckpt: Checkpoint, layer: LoRALinear, target: Target, f: _Found, al
     return None
 
 
-def load_lora(model: Flux, path: "str | Path", scale: float = 1.0) -> dict[str, LoRALinear]:
-    """Load a LoRA or MoE-LoRA file (official diffusers/peft layout, or ours) onto `model`.
-
-    Official files: rank from the shapes, alpha = rank unless an `.alpha` key is present, the number
-    of experts from the `expert_i` suffixes. `scale` multiplies every adapter's output. Returns the
-    adapted layers. Any key that does not fit raises a WeightsError listing the first offenders.
-    """
+def _read(path: "str | Path") -> tuple[Checkpoint, dict[Target, _Found]]:
+    """A LoRA file's adapted (layer, part)s, whichever layout; unknown keys are an error."""
     ckpt = _open_lora(Path(path))
     keys = ckpt.keys()
     ours = all(_OURS.match(k) for k in keys) and not any(k.startswith("transformer.") for k in keys)
@@ -365,8 +376,23 @@ def load_lora(model: Flux, path: "str | Path", scale: float = 1.0) -> dict[str, 
     if unknown:
         raise WeightsError(f"{ckpt.name}: {len(unknown)} key(s) are not LoRA weights of the FLUX transformer "
                            f"(a LoRA for another base model, or for the text encoders?): {_listing(unknown)}")
+    return ckpt, found
+
+
+def load_lora(model: Flux, path: "str | Path", scale: float = 1.0, only_moe: bool = False) -> dict[str, LoRALinear]:
+    """Load a LoRA or MoE-LoRA file (official diffusers/peft layout, or ours) onto `model`.
+
+    Official files: rank from the shapes, alpha = rank unless an `.alpha` key is present, the number
+    of experts from the `expert_i` suffixes. `scale` multiplies every adapter's output. Returns the
+    adapted layers. Any key that does not fit raises a WeightsError listing the first offenders.
+    only_moe: skip the plain parts (an FP8 load has already added them to the weights:
+    `plain_lora_updates`).
+    """
+    ckpt, found = _read(path)
     loaded, problems = {}, []
     for target, f in found.items():
+        if only_moe and not f.moe:
+            continue
         layer = lora_layer(model, target.module, target.n_parts)
         alpha = float(ckpt.tensor(f.alpha).item()) if f.alpha else None
         problem = (_set_experts(ckpt, layer, target.module, f, alpha) if f.moe
@@ -382,6 +408,37 @@ def load_lora(model: Flux, path: "str | Path", scale: float = 1.0) -> dict[str, 
     return loaded
 
 
+def plain_lora_updates(model: Flux, path: "str | Path", scale: float = 1.0
+                       ) -> dict[str, list[tuple[int, int, Tensor, Tensor, float]]]:
+    """The plain LoRA parts of a file, for adding to the weights while they load (FP8 quantizes each
+    weight as it is read, so the LoRA must be in it first): {our module: [(first row, end row, A, B,
+    s)]}, the update of rows [first, end) being s * B @ A. A and B stay in the file (memory-mapped).
+    `model` may be on the meta device: only its shapes are read. MoE parts are left out."""
+    ckpt, found = _read(path)
+    out, problems = {}, []
+    for target, f in found.items():
+        if f.moe:
+            continue
+        if set(f.A) != {0} or set(f.B) != {0}:
+            problems.append(f"{target.module} part {target.part}: needs both lora_A and lora_B")
+            continue
+        layer = _get(model, target.module)
+        start, end = part_rows(layer, target.n_parts, model.params.hidden_size)[target.part]
+        A, B = ckpt.tensor(f.A[0]), ckpt.tensor(f.B[0])
+        if A.shape[1] != layer.in_features or B.shape[0] != end - start or A.shape[0] != B.shape[1]:
+            problems.append(f"{f.A[0]}: A {list(A.shape)} and B {list(B.shape)} do not fit {target.module} "
+                            f"(rows {start}:{end} of {layer.in_features} inputs)")
+            continue
+        r = A.shape[0]
+        alpha = float(ckpt.tensor(f.alpha).item()) if f.alpha else r
+        out.setdefault(target.module, []).append((start, end, A, swap_halves([B]) if target.swap else B,
+                                                   scale * alpha / r))
+    if problems:
+        raise WeightsError(f"{ckpt.name} does not fit this model ({len(problems)} problem(s)): {_listing(problems, 3)}. "
+                           f"Is it a LoRA for FLUX.1 Fill [dev] (ICEdit)?")
+    return out
+
+
 def merge_lora(model: nn.Module) -> None:
     """Fold every plain LoRA into its base weight (zero inference overhead). MoE layers route per
     token and cannot be folded: they stay as they are."""
@@ -395,9 +452,12 @@ def unmerge_lora(model: nn.Module) -> None:
 
 @torch.no_grad()
 def _fold(model: nn.Module, sign: int) -> None:
-    for layer in lora_layers(model).values():
+    for name, layer in lora_layers(model).items():
         if layer.is_moe or layer.merged == (sign > 0):
             continue
+        if layer.fp8:
+            raise WeightsError(f"{name} has FP8 weights: a LoRA is merged into them while they load "
+                               f"(load_flux(..., fp8=True, lora=...)), not after, which would round twice")
         for p in layer.lora_A:
             start, end = layer.rows[int(p)]
             w = layer.weight[start:end]

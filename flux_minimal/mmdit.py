@@ -247,6 +247,11 @@ class Flux(nn.Module):
         self.final_layer = LastLayer(p.hidden_size, p.out_channels)
         self.gradient_checkpointing = False  # recompute each block in backward (training)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype activations run in: the weights', or with FP8 weights the biases' (bf16)."""
+        return self.img_in.bias.dtype
+
     def _run(self, block: nn.Module, *args):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
@@ -256,7 +261,7 @@ class Flux(nn.Module):
         """The conditioning vector [B, D] from sigma [B], pooled CLIP [B, vec_in_dim], guidance [B]."""
         # Everything enters in the weights' dtype; sigma and guidance are rounded to it before the
         # x1000 of the embedding, as in BFL and diffusers (guidance 30 in bf16 -> 29952).
-        dtype = self.img_in.weight.dtype
+        dtype = self.compute_dtype
         vec = self.time_in(timestep_embedding(timesteps.to(dtype), 256))
         if self.params.guidance_embed:
             if guidance is None:
@@ -291,7 +296,7 @@ class Flux(nn.Module):
         guidance are not read, and neither are the ids."""
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError(f"img and txt must be [B, L, C]; got {tuple(img.shape)} and {tuple(txt.shape)}")
-        dtype = self.img_in.weight.dtype
+        dtype = self.compute_dtype
         if pre is None:
             pre = StepInputs(self.rope(txt_ids, img_ids), self.adaln(self.embed_vec(timesteps, y, guidance)))
         img, txt = self.img_in(img.to(dtype)), self.txt_in(txt.to(dtype))
@@ -411,14 +416,33 @@ def find_flux(path: str | Path) -> tuple[Checkpoint, FluxParams, list[Rule]]:
     return ckpt, flux_params_from_bfl(ckpt), []
 
 
-def load_flux(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Flux:
+def load_flux(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+              fp8: bool = False, lora: "str | Path | None" = None, lora_scale: float = 1.0) -> Flux:
     """Load the FLUX transformer from a BFL single file (`flux1-fill-dev.safetensors`, also with a
     `model.diffusion_model.` prefix), a diffusers `transformer/` folder (sharded or not), or a
-    snapshot root holding either. dtype=None keeps the file's dtype."""
+    snapshot root holding either. dtype=None keeps the file's dtype.
+
+    fp8=True: every linear weight becomes float8_e4m3fn with a scale per output channel
+    (flux_minimal/fp8.py), quantized as it is read, one tensor at a time; the rest (norms, biases)
+    and the compute take `dtype` (default bf16). `lora`: a plain LoRA added to the weights before
+    they are quantized (its MoE parts, if any, go on afterwards: lora.load_lora(..., only_moe=True)).
+    Files already in float8 load as they are, with their scales when present."""
     ckpt, params, rules = find_flux(path)
     with torch.device("meta"):
         model = Flux(params)
-    return load_state(model, ckpt, rules, device=device, dtype=dtype, what="FLUX transformer").eval()
+    float8 = [k for k in ckpt.keys() if ckpt.dtype(k) in (torch.float8_e4m3fn, torch.float8_e5m2)]
+    if not fp8:
+        if float8:
+            raise WeightsError(f"{ckpt.name} holds FP8 weights ({float8[0]}, ...): load it with fp8=True (--fp8)")
+        if lora is not None:
+            raise ValueError("load_flux(lora=...) merges while quantizing (fp8=True); otherwise use lora.load_lora")
+        return load_state(model, ckpt, rules, device=device, dtype=dtype, what="FLUX transformer").eval()
+    from .fp8 import load_fp8
+    from .lora import plain_lora_updates
+    updates = plain_lora_updates(model, lora, lora_scale) if lora is not None else {}
+    load_fp8(model, ckpt, rules, device=device, dtype=dtype or torch.bfloat16, what="FLUX transformer",
+             updates=updates)
+    return model.eval()
 
 
 def require_fill(model: Flux, path: str | Path = "the checkpoint", down: int = 8) -> None:

@@ -156,7 +156,7 @@ def denoise(model, state: DenoiseState, cond: Conditioning, guidance: float, sto
     start, stop = state.step, len(state.timesteps) - 1 if stop is None else stop
     x, x0, B = state.x, state.x0, state.x.shape[0]
     c = cond.expand(B)
-    dtype = next(model.parameters()).dtype
+    dtype = getattr(model, "compute_dtype", None) or next(model.parameters()).dtype
     g = torch.full((B,), guidance, device=x.device)
     pre = None
     if precompute and stop > start and _precomputable(model, x.device):

@@ -49,11 +49,12 @@ class PromptEncoder:
 
     @classmethod
     def from_pretrained(cls, root: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                        max_length: int | None = None) -> "PromptEncoder":
+                        max_length: int | None = None, fp8: bool = False) -> "PromptEncoder":
         """Load from a FLUX snapshot root holding text_encoder/ (CLIP), text_encoder_2/ (T5),
         tokenizer/ (vocab.json, merges.txt) and tokenizer_2/ (spiece.model). dtype=None keeps the
         files' dtypes (bfloat16 in FLUX's); max_length is T5's padded length (CLIP's is 77): by
-        default tokenizer_2/tokenizer_config.json's model_max_length, else 512 (FLUX's)."""
+        default tokenizer_2/tokenizer_config.json's model_max_length, else 512 (FLUX's). fp8: T5's
+        linear weights in FP8 (t5.load_t5); CLIP (0.25 GB) stays as it is."""
         root = Path(root)
         if not root.is_dir():
             raise WeightsError(f"{root}: no such folder (expected a FLUX snapshot with the text folders "
@@ -70,7 +71,7 @@ class PromptEncoder:
         clip = load_clip(root / "text_encoder", device=device, dtype=dtype)
         clip_tokenizer = CLIPTokenizer(root / "tokenizer" / "vocab.json", root / "tokenizer" / "merges.txt",
                                        max_length=clip.config.max_position_embeddings)  # 77
-        t5 = load_t5(root / "text_encoder_2", device=device, dtype=dtype)
+        t5 = load_t5(root / "text_encoder_2", device=device, dtype=dtype, fp8=fp8)
         for name, tok, model in (("tokenizer_2", t5_tokenizer, t5), ("tokenizer", clip_tokenizer, clip)):
             if tok.vocab_size > model.config.vocab_size:
                 raise WeightsError(f"{root / name} makes ids up to {tok.vocab_size - 1}, but its text encoder has only "

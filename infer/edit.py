@@ -61,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "blocks: also stream the DiT blocks that do not fit (weights.md: memory)")
     ap.add_argument("--no-merge-lora", action="store_true",
                     help="keep a plain LoRA apart from the weights (default: folded in at load, no cost per step)")
+    ap.add_argument("--fp8", action="store_true",
+                    help="DiT and T5 linear weights in FP8 (e4m3, per-channel scales), quantized while loading")
     ap.add_argument("--compile", action="store_true", help="regional torch.compile of the DiT blocks (infer/fast.py)")
     ap.add_argument("--cuda-graphs", action="store_true", help="replay each denoising step from a CUDA graph")
     ap.add_argument("--attention", choices=ATTENTION_BACKENDS, default="sdpa",
@@ -110,7 +112,7 @@ def main(argv=None) -> int:
     pipe = ICEditPipeline.from_pretrained(weights, device=args.device, dtype=DTYPES.get(args.dtype), lora=lora,
                                           lora_scale=args.lora_scale, offload=args.offload,
                                           merge_lora=not args.no_merge_lora, compile=args.compile,
-                                          cuda_graphs=args.cuda_graphs, attention=args.attention)
+                                          cuda_graphs=args.cuda_graphs, attention=args.attention, fp8=args.fp8)
     kwargs = dict(width=width, steps=steps, guidance=guidance, seed=args.seed, candidates=args.candidates,
                   early_steps=args.early_steps, preview=args.preview, judge=judge,
                   save_candidates=args.save_candidates, progress=not args.no_progress)

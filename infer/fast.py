@@ -63,7 +63,7 @@ class _Captured:
 
     def __init__(self, flux: Flux, state: DenoiseState, c: Conditioning):
         self.flux, dev = flux, state.x.device
-        self.dtype = next(flux.parameters()).dtype
+        self.dtype = flux.compute_dtype
         self.x, self.x0 = state.x.clone(), state.x.clone()  # [B, L, 64] float32
         self.img_cond = None if c.img_cond is None else c.img_cond.clone()
         self.txt, self.img_ids, self.txt_ids = c.txt.clone(), c.img_ids.clone(), c.txt_ids.clone()

@@ -109,7 +109,7 @@ class ICEditPipeline:
                         lora: "str | Path | None" = None, lora_scale: float = 1.0, offload: str = "none",
                         max_length: int | None = None, merge_lora: bool = True, vae_dtype: torch.dtype | None = None,
                         compile: bool = False, cuda_graphs: bool = False,
-                        attention: str | None = None) -> "ICEditPipeline":
+                        attention: str | None = None, fp8: bool = False) -> "ICEditPipeline":
         """Load a FLUX.1-Fill-dev snapshot folder: diffusers layout (transformer/, vae/, text_encoder/,
         text_encoder_2/, tokenizer/, tokenizer_2/) or the BFL files flux1-fill-dev.safetensors and
         ae.safetensors beside the text folders. dtype=None: bfloat16 on CUDA, float32 on the CPU;
@@ -119,6 +119,9 @@ class ICEditPipeline:
         (no cost per step; a LoRA-MoE's routed layers stay apart, on the fused kernel).
         compile, cuda_graphs: infer/fast.py. attention: a backend of flux_minimal.ops ("sdpa",
         "flash", "cudnn", "efficient", "math"), checked on `device` first.
+        fp8: the DiT's and T5's linear weights in float8 with per-channel scales, quantized while
+        loading (flux_minimal/fp8.py); a plain LoRA is added to the weights before quantizing, a
+        LoRA-MoE's experts stay in `dtype` beside the FP8 base.
         """
         root, device = Path(path), torch.device(device)
         if not root.is_dir():
@@ -133,16 +136,22 @@ class ICEditPipeline:
                 raise FluxMinimalError(str(e)) from None
         stay = device if offload == "none" else "cpu"  # offloaded weights stay in host memory
         vae = load_vae(root, device=device, dtype=vae_dtype or dtype)
-        flux = load_flux(root, device=stay, dtype=dtype)
+        from flux_minimal.lora import load_lora
+        from flux_minimal.lora import merge_lora as merge
+        if fp8:  # a plain LoRA goes into the weights before they are quantized; MoE experts after
+            flux = load_flux(root, device=stay, dtype=dtype, fp8=True, lora=lora if merge_lora else None,
+                             lora_scale=lora_scale)
+            if lora is not None:
+                load_lora(flux, lora, scale=lora_scale, only_moe=merge_lora)
+        else:
+            flux = load_flux(root, device=stay, dtype=dtype)
+            if lora is not None:
+                load_lora(flux, lora, scale=lora_scale)
+                if merge_lora:
+                    merge(flux)
         require_fill(flux, root, vae_down(vae))
-        if lora is not None:
-            from flux_minimal.lora import load_lora
-            from flux_minimal.lora import merge_lora as merge
-            load_lora(flux, lora, scale=lora_scale)
-            if merge_lora:
-                merge(flux)
-        text = PromptEncoder.from_pretrained(root, device=stay, dtype=dtype, max_length=max_length)
-        files = f"{root.name}" + (f" + LoRA {Path(lora).name} x{lora_scale}" if lora else "")
+        text = PromptEncoder.from_pretrained(root, device=stay, dtype=dtype, max_length=max_length, fp8=fp8)
+        files = f"{root.name}" + (f" + LoRA {Path(lora).name} x{lora_scale}" if lora else "") + (" (fp8)" if fp8 else "")
         return cls(flux, vae, text, device=device, offload=offload, files=files, compile=compile,
                    cuda_graphs=cuda_graphs)
 

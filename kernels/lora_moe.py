@@ -470,14 +470,44 @@ def lora_moe_linear_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_
 
 
 def lora_moe_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor,
-                    lora_B: Tensor, router: Tensor, scale: float = 1.0) -> Tensor:
+                    lora_B: Tensor, router: Tensor, scale: float = 1.0, base_out: Tensor | None = None) -> Tensor:
     """y = x W^T + b + scale * B_e (A_e x), e = top-1 of x R^T per token (ICEdit MoE-LoRA).
 
     x [..., K], weight [N, K], bias [N] or None, lora_A [E, r, K], lora_B [E, N, r],
     router [E, K], all one dtype (fp32, bf16, fp16). Returns [..., N] in x's dtype.
     The router receives a zero gradient, exactly like the official top-1 layer.
     The switch point: Triton kernels when x is on CUDA or TRITON_INTERPRET=1, else the reference.
+    base_out: x W^T + b computed elsewhere ([..., N] in x's dtype, e.g. by an FP8 GEMM); the
+    weight may then be of any dtype (only its shape is read) and the LoRA term is added to
+    base_out in place. Inference only (no gradients).
     """
+    if base_out is not None:
+        return _add_lora_moe(x, base_out, lora_A, lora_B, router, scale)
     if x.is_cuda or _interpreting():
         return lora_moe_linear_triton(x, weight, bias, lora_A, lora_B, router, scale)
     return lora_moe_linear_ref(x, weight, bias, lora_A, lora_B, router, scale)
+
+
+@torch.no_grad()
+def _add_lora_moe(x: Tensor, base_out: Tensor, lora_A: Tensor, lora_B: Tensor, router: Tensor,
+                  scale: float) -> Tensor:
+    """base_out + scale * B_e (A_e x) (in place when base_out is contiguous): the same kernels, or the
+    reference's maths, without the base GEMM."""
+    if x.requires_grad or lora_A.requires_grad or lora_B.requires_grad:
+        raise ValueError("lora_moe_linear(base_out=...) is for inference: its inputs must not require grad")
+    N, K = base_out.shape[-1], x.shape[-1]
+    _check_args(x, torch.empty(N, K, dtype=x.dtype, device="meta"), None, lora_A, lora_B, router)
+    if tuple(base_out.shape) != (*x.shape[:-1], N) or base_out.dtype != x.dtype:
+        raise ValueError(f"base_out must be {[*x.shape[:-1], N]} in {x.dtype}, got {list(base_out.shape)} {base_out.dtype}")
+    x2, y = x.reshape(-1, K), base_out.reshape(-1, N)
+    if x2.shape[0] == 0:
+        return base_out
+    expert = route(x2, router)[1][:, 0]
+    if x.is_cuda or _interpreting():
+        g = _group_by_expert(expert, lora_A.shape[0], _blocks().t)
+        _up(_down(x2, lora_A, g), lora_B.transpose(1, 2), g, scale, out=y)
+    else:  # each expert on its own tokens (a host sync per expert: the CPU path)
+        for e in range(lora_A.shape[0]):
+            rows = (expert == e).nonzero()[:, 0]
+            y.index_add_(0, rows, scale * F.linear(F.linear(x2[rows], lora_A[e]), lora_B[e]))
+    return y.reshape(base_out.shape)
