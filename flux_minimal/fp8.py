@@ -170,3 +170,23 @@ def _file_scale(ckpt: Checkpoint, layer: str, rows: int) -> Tensor:
         if f"{layer}.{name}" in ckpt:
             return ckpt.tensor(f"{layer}.{name}").float().reshape(-1).expand(rows).clone()
     return torch.ones(rows)
+
+
+@torch.no_grad()
+def quantize_linears(model: nn.Module, skip: Callable[[str], bool] = lambda name: False) -> dict[str, FP8Linear]:
+    """Quantize a model already in memory: every nn.Linear (except `skip(name)`) becomes an FP8Linear
+    holding its quantized weight, one layer at a time (each wide weight is freed as its layer is
+    done). For models built in memory (benchmarks, tests); files load quantized with load_fp8."""
+    swapped = {}
+    for name, m in list(model.named_modules()):
+        if not isinstance(m, nn.Linear) or skip(name):
+            continue
+        q, scale = quantize(m.weight)
+        new = FP8Linear(m.in_features, m.out_features, m.bias is not None, dtype=m.weight.dtype, device="meta")
+        new.weight = nn.Parameter(q.to(m.weight.device), requires_grad=False)
+        new.weight_scale = scale.to(m.weight.device)
+        new.bias = None if m.bias is None else nn.Parameter(m.bias.detach(), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+        swapped[name] = new
+    return swapped
