@@ -145,9 +145,12 @@ class DoubleStreamBlock(nn.Module):
         """[B, D] -> [B, 1, 12 D]: img_mod's two (shift, scale, gate) triples, then txt_mod's."""
         return torch.cat((self.img_mod(vec), self.txt_mod(vec)), dim=-1)
 
-    def forward(self, img: Tensor, txt: Tensor, mod: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
-        """img [B, L, D], txt [B, T, D], mod = self.adaln(vec) [B, 1, 12 D], pe the rotary table."""
-        img_mod1, img_mod2, txt_mod1, txt_mod2 = modulation_outs(mod, 4)
+    def forward(self, img: Tensor, txt: Tensor, vec: Tensor | None, pe: Tensor,
+                mod: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """img [B, L, D], txt [B, T, D], vec [B, D] or its precomputed mod = self.adaln(vec)
+        [B, 1, 12 D], pe the rotary table. (The adaLN is computed here, in the block's own forward,
+        so that wrappers of the block, FSDP or offloading, have its weights in place.)"""
+        img_mod1, img_mod2, txt_mod1, txt_mod2 = modulation_outs(self.adaln(vec) if mod is None else mod, 4)
 
         img_q, img_k, img_v = self._qkv(self.img_attn, img_mod1.apply(self.img_norm1(img)))
         txt_q, txt_k, txt_v = self._qkv(self.txt_attn, txt_mod1.apply(self.txt_norm1(txt)))
@@ -184,9 +187,10 @@ class SingleStreamBlock(nn.Module):
         """[B, D] -> [B, 1, 3 D]: one (shift, scale, gate) triple."""
         return self.modulation(vec)
 
-    def forward(self, x: Tensor, mod: Tensor, pe: Tensor) -> Tensor:
-        """x [B, T+L, D], mod = self.adaln(vec) [B, 1, 3 D], pe the rotary table."""
-        (mod,) = modulation_outs(mod, 1)
+    def forward(self, x: Tensor, vec: Tensor | None, pe: Tensor, mod: Tensor | None = None) -> Tensor:
+        """x [B, T+L, D], vec [B, D] or its precomputed mod = self.adaln(vec) [B, 1, 3 D], pe the
+        rotary table."""
+        (mod,) = modulation_outs(self.adaln(vec) if mod is None else mod, 1)
         qkv, mlp = torch.split(self.linear1(mod.apply(self.pre_norm(x))),
                                [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
@@ -297,16 +301,20 @@ class Flux(nn.Module):
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError(f"img and txt must be [B, L, C]; got {tuple(img.shape)} and {tuple(txt.shape)}")
         dtype = self.compute_dtype
-        if pre is None:
-            pre = StepInputs(self.rope(txt_ids, img_ids), self.adaln(self.embed_vec(timesteps, y, guidance)))
+        if pre is None:  # each block makes its adaLN vectors from vec in its own forward
+            vec = self.embed_vec(timesteps, y, guidance)
+            pe, mods = self.rope(txt_ids, img_ids), [None] * (len(self.double_blocks) + len(self.single_blocks))
+            mods.append(self.final_layer.adaln(vec))
+        else:
+            vec, pe, mods = None, pre.pe, pre.adaln
         img, txt = self.img_in(img.to(dtype)), self.txt_in(txt.to(dtype))
-        mods, pe = iter(pre.adaln), pre.pe
+        mods = iter(mods)
 
         for block in self.double_blocks:
-            img, txt = self._run(block, img, txt, next(mods), pe)
+            img, txt = self._run(block, img, txt, vec, pe, next(mods))
         x = torch.cat((txt, img), dim=1)
         for block in self.single_blocks:
-            x = self._run(block, x, next(mods), pe)
+            x = self._run(block, x, vec, pe, next(mods))
         return self.final_layer(x[:, txt.shape[1]:], next(mods))  # [B, L, out_channels]
 
 

@@ -160,14 +160,16 @@ def denoise(model, state: DenoiseState, cond: Conditioning, guidance: float, sto
     g = torch.full((B,), guidance, device=x.device)
     pre = None
     if precompute and stop > start and _precomputable(model, x.device):
-        sigmas = torch.tensor(state.timesteps[start:stop], dtype=torch.float32).to(x.device, non_blocking=True)
+        # every step of the schedule, whatever the range: a resumed run then uses the very same
+        # vectors (one GEMM of the same shape) and continues bit for bit
+        sigmas = torch.tensor(state.timesteps[:-1], dtype=torch.float32).to(x.device, non_blocking=True)
         pre = model.precompute(sigmas, c.vec, g, c.txt_ids, c.img_ids)
     for i in range(start, stop):
         t_cur, t_prev = state.timesteps[i], state.timesteps[i + 1]
         t = torch.full((B,), t_cur, device=x.device)
         inp = x if c.img_cond is None else torch.cat([x, c.img_cond], dim=-1)
         v = model(img=inp.to(dtype), img_ids=c.img_ids, txt=c.txt, txt_ids=c.txt_ids, timesteps=t, y=c.vec,
-                  guidance=g, **({} if pre is None else {"pre": pre.step(i - start)})).float()
+                  guidance=g, **({} if pre is None else {"pre": pre.step(i)})).float()
         x0 = x - t_cur * v
         x = x + (t_prev - t_cur) * v
         state = replace(state, x=x, x0=x0, step=i + 1, nfe=state.nfe + B)

@@ -49,9 +49,9 @@ class Editor:
     """The model behind the page, loaded once; `edit` is what the button and the API call."""
 
     def __init__(self, weights: Path, lora: Path | None, device: str = "cpu", offload: str = "none",
-                 width: int = 512, steps: int = 28, guidance: float = 50.0):
+                 width: int = 512, steps: int = 28, guidance: float = 50.0, fp8: bool = False):
         from infer.pipeline import ICEditPipeline
-        self.pipe = ICEditPipeline.from_pretrained(weights, device=device, lora=lora, offload=offload)
+        self.pipe = ICEditPipeline.from_pretrained(weights, device=device, lora=lora, offload=offload, fp8=fp8)
         self.defaults = dict(width=width, steps=steps, guidance=guidance)
         self.outputs = Path(tempfile.mkdtemp(prefix="icedit_app_"))  # downloads; gone with the machine's temp
         self.count = 0
@@ -170,6 +170,7 @@ def parse_args(argv):
     ap.add_argument("--lora", type=Path, help="default: the mini LoRA-MoE with the mini model, else none")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--offload", choices=["none", "model", "blocks"], default="none")
+    ap.add_argument("--fp8", action="store_true", help="DiT and T5 linear weights in FP8 (as in the CLI)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=7860)
     ap.add_argument("--share", action="store_true", help="a public gradio.live link (off unless asked)")
@@ -185,9 +186,9 @@ def main(argv=None) -> int:
     mini = PRESETS["mini"]
     if args.weights is None:
         editor = Editor(mini["weights"], args.lora or mini["lora"], args.device, args.offload, mini["width"],
-                        mini["steps"], mini["guidance"])
+                        mini["steps"], mini["guidance"], fp8=args.fp8)
     else:
-        editor = Editor(args.weights, args.lora, args.device, args.offload)
+        editor = Editor(args.weights, args.lora, args.device, args.offload, fp8=args.fp8)
     page = build(editor)
     print(f"serving on http://{args.host}:{args.port}/", flush=True)
     page.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)

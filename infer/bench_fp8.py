@@ -116,14 +116,14 @@ def real_blocks(tokens: int) -> None:
         vec = torch.randn(1, D, generator=g).to(torch.bfloat16)
         txt, img = (torch.randn(1, n, D, generator=g).to(torch.bfloat16) for n in (T, L))
         with torch.no_grad():
-            args = (img, txt, block.adaln(vec), pe) if kind == "double" else (torch.cat([txt, img], 1), block.adaln(vec), pe)
+            args = (img, txt, vec, pe) if kind == "double" else (torch.cat([txt, img], 1), vec, pe)
             ins = torch.cat([args[0], args[1]], 1) if kind == "double" else args[0]
             ref = block(*args)
             ref = torch.cat([ref[0], ref[1]], 1) if kind == "double" else ref
             t0 = time.perf_counter()
             quantize_linears(block)
             qt = time.perf_counter() - t0
-            args = (img, txt, block.adaln(vec), pe) if kind == "double" else (torch.cat([txt, img], 1), block.adaln(vec), pe)
+            args = (img, txt, vec, pe) if kind == "double" else (torch.cat([txt, img], 1), vec, pe)
             out = block(*args)
             out = torch.cat([out[0], out[1]], 1) if kind == "double" else out
         du, dq = (ref - ins).float(), (out - ins).float()
