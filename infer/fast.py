@@ -23,7 +23,6 @@ from dataclasses import replace
 from typing import Callable
 
 import torch
-from torch import Tensor, nn
 
 from flux_minimal.mmdit import Flux, StepInputs
 from flux_minimal.sampling import Conditioning, DenoiseState

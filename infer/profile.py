@@ -30,7 +30,7 @@ import argparse
 import tempfile
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -41,7 +41,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 import flux_minimal.ops as ops
 from flux_minimal.lora import LoRALinear, load_lora, merge_lora
 from flux_minimal.mmdit import MLPEmbedder, Modulation, RMSNorm
-from flux_minimal.sampling import Conditioning, DenoiseState, denoise, fill_conditioning, get_schedule, image_ids, pack, unpack
+from flux_minimal.sampling import (Conditioning, DenoiseState, denoise, fill_conditioning, get_schedule, image_ids,
+                                   pack, unpack)
 from infer.bench import bench_preset, make_inputs, our_models, random_lora
 from infer.fast import compile_blocks
 
@@ -55,7 +56,6 @@ class Kinds:
     def __init__(self):
         self.flops: dict[str, float] = defaultdict(float)
         self.handles = []
-        self.attention_kernel: set[str] = set()
 
     def watch(self, module: nn.Module, kind: str, flops=None) -> None:
         ranges = []
@@ -178,7 +178,7 @@ def kind_table(prof, kinds: Kinds, cuda: bool, total_us: float) -> list[str]:
     for e in prof.key_averages():
         if e.key.startswith(LABEL):
             spent[e.key[len(LABEL):]] += event_time(e, cuda)
-    rows = [f"| kind | ms | share | GFLOP | TFLOP/s |", "| --- | ---: | ---: | ---: | ---: |"]
+    rows = ["| kind | ms | share | GFLOP | TFLOP/s |", "| --- | ---: | ---: | ---: | ---: |"]
     for k in KINDS:
         us, fl = spent.get(k, 0.0), kinds.flops.get(k, 0.0)
         rate = f"{fl / (us * 1e-6) / 1e12:.2f}" if fl and us else "-"
@@ -191,10 +191,10 @@ def kind_table(prof, kinds: Kinds, cuda: bool, total_us: float) -> list[str]:
 
 
 def kernel_table(prof, cuda: bool, top: int) -> list[str]:
-    evs = [e for e in prof.key_averages() if not e.key.startswith(LABEL)]
+    evs = [e for e in prof.key_averages() if not e.key.startswith(LABEL) and e.key != "edit"]
     key = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
     evs = sorted((e for e in evs if key(e) > 0), key=key, reverse=True)[:top]
-    total = sum(key(e) for e in prof.key_averages() if not e.key.startswith(LABEL)) or 1.0
+    total = sum(key(e) for e in prof.key_averages() if not e.key.startswith(LABEL) and e.key != "edit") or 1.0
     rows = ["| kernel / op | calls | ms (self) | share |", "| --- | ---: | ---: | ---: |"]
     for e in evs:
         rows.append(f"| `{e.key[:90]}` | {e.count} | {key(e) / 1e3:.1f} | {100 * key(e) / total:.1f}% |")
@@ -309,7 +309,7 @@ def main(argv=None) -> int:
     if not args.compile:
         watch_models(kinds, m.flux, m.vae, [m.t5, m.clip])
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with labelled_ops(kinds) if not args.compile else _nothing():
+    with labelled_ops(kinds) if not args.compile else nullcontext():
         with profile(activities=activities, record_shapes=False) as prof:
             with record_function("edit"):
                 one_edit(m, x, args.steps, dev)
@@ -331,11 +331,6 @@ def main(argv=None) -> int:
         print("\n".join(moe))
     print(f"\nChrome trace: {args.trace}")
     return 0
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from flux_minimal import PRESETS, Flux
-from flux_minimal.lora import add_lora, load_lora, lora_layers
+from flux_minimal.lora import add_lora, lora_layers
 from flux_minimal.ops import attention_backend, set_attention_backend
 from flux_minimal.sampling import Conditioning, DenoiseState, denoise, get_noise, get_schedule, image_ids, pack
 from infer.fast import GraphedDenoiser, compile_blocks
