@@ -56,28 +56,22 @@ def scaled_mm_ok(x: Tensor, q: Tensor) -> bool:
             and x.dtype in (torch.bfloat16, torch.float16) and q.shape[0] % 16 == 0 and q.shape[1] % 16 == 0)
 
 
-def fp8_forward(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
-    """fp8_linear, falling back to dequantizing for good (said once) if the FP8 GEMM fails here
-    (e.g. rowwise scaling unsupported by this torch or GPU)."""
+def fp8_linear(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    """x [..., K] @ (q * scale)^T + bias -> [..., N] in x's dtype. The FP8 GEMM where it can run;
+    if it fails here (e.g. rowwise scaling unsupported by this torch or GPU), dequantizing from
+    then on, said once."""
     global _scaled_mm_failed
     if scaled_mm_ok(x, q):
+        x2 = x.reshape(-1, x.shape[-1])
+        sx = (x2.abs().amax(dim=1, keepdim=True).float() / E4M3_MAX).clamp(min=1e-12)  # [T, 1]
+        xq = (x2.float() / sx).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
         try:
-            return fp8_linear(x, q, scale, bias)
+            y = torch._scaled_mm(xq, q.t(), scale_a=sx, scale_b=scale[None, :], bias=bias, out_dtype=x.dtype)
+            return y.reshape(*x.shape[:-1], q.shape[0])
         except RuntimeError as e:
             _scaled_mm_failed = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             print(f"note: the FP8 GEMM (torch._scaled_mm) cannot run here ({_scaled_mm_failed}); "
                   f"dequantizing each layer instead")
-    return fp8_linear(x, q, scale, bias, use_scaled_mm=False)
-
-
-def fp8_linear(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None, use_scaled_mm: bool = True) -> Tensor:
-    """x [..., K] @ (q * scale)^T + bias -> [..., N] in x's dtype."""
-    if use_scaled_mm and scaled_mm_ok(x, q):
-        x2 = x.reshape(-1, x.shape[-1])
-        sx = (x2.abs().amax(dim=1, keepdim=True).float() / E4M3_MAX).clamp(min=1e-12)  # [T, 1]
-        xq = (x2.float() / sx).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
-        y = torch._scaled_mm(xq, q.t(), scale_a=sx, scale_b=scale[None, :], bias=bias, out_dtype=x.dtype)
-        return y.reshape(*x.shape[:-1], q.shape[0])
     return F.linear(x, dequantize(q, scale, x.dtype), bias)
 
 
@@ -94,7 +88,7 @@ class FP8Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        return fp8_forward(x, self.weight, self.weight_scale, self.bias)
+        return fp8_linear(x, self.weight, self.weight_scale, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 per-channel"
@@ -125,7 +119,7 @@ def linear_bytes(model: nn.Module) -> int:
 
 
 # Keys of FP8 checkpoint files that carry scales, not weights (ComfyUI's "scaled fp8" and its successors).
-FP8_FILE_KEYS = (r"\.(weight_scale|scale_weight|input_scale|scale_input)$", r"^scaled_fp8$")
+FP8_FILE_KEYS = (rf"\.({'|'.join(SCALE_KEYS)}|input_scale|scale_input)$", r"^scaled_fp8$")
 
 
 def load_fp8(model: nn.Module, ckpt: Checkpoint, rules: list[Rule] = (), *, device, dtype: torch.dtype, what: str,
@@ -166,7 +160,7 @@ def load_fp8(model: nn.Module, ckpt: Checkpoint, rules: list[Rule] = (), *, devi
 
 def _file_scale(ckpt: Checkpoint, layer: str, rows: int) -> Tensor:
     """An FP8 file's scale for `layer` as [rows] float32: per channel or per tensor, 1 when absent."""
-    for name in ("weight_scale", "scale_weight"):
+    for name in SCALE_KEYS:
         if f"{layer}.{name}" in ckpt:
             return ckpt.tensor(f"{layer}.{name}").float().reshape(-1).expand(rows).clone()
     return torch.ones(rows)
@@ -177,16 +171,12 @@ def quantize_linears(model: nn.Module, skip: Callable[[str], bool] = lambda name
     """Quantize a model already in memory: every nn.Linear (except `skip(name)`) becomes an FP8Linear
     holding its quantized weight, one layer at a time (each wide weight is freed as its layer is
     done). For models built in memory (benchmarks, tests); files load quantized with load_fp8."""
-    swapped = {}
-    for name, m in list(model.named_modules()):
-        if not isinstance(m, nn.Linear) or skip(name):
-            continue
-        q, scale = quantize(m.weight)
-        new = FP8Linear(m.in_features, m.out_features, m.bias is not None, dtype=m.weight.dtype, device="meta")
-        new.weight = nn.Parameter(q.to(m.weight.device), requires_grad=False)
-        new.weight_scale = scale.to(m.weight.device)
-        new.bias = None if m.bias is None else nn.Parameter(m.bias.detach(), requires_grad=False)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
-        swapped[name] = new
+    before = dict(model.named_modules())
+    swapped = fp8_linears(model, skip)
+    for name, new in swapped.items():
+        old = before.pop(name)  # the last reference to the wide layer once this turn ends
+        q, scale = quantize(old.weight)
+        new.weight = nn.Parameter(q.to(old.weight.device), requires_grad=False)
+        new.weight_scale = scale.to(old.weight.device)
+        new.bias = None if old.bias is None else nn.Parameter(old.bias.detach(), requires_grad=False)
     return swapped

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import WeightsError
-from .fp8 import FP8Linear, fp8_forward
+from .fp8 import FP8Linear, fp8_linear
 from .loading import Checkpoint, swap_halves
 from .mmdit import FLUX_FROM_DIFFUSERS, Flux
 
@@ -158,7 +158,7 @@ class LoRALinear(nn.Linear):
 
     def base(self, x: Tensor) -> Tensor:
         """x W^T + b, from the FP8 weight and its scales when the base is FP8."""
-        return fp8_forward(x, self.weight, self.weight_scale, self.bias) if self.fp8 else F.linear(x, self.weight, self.bias)
+        return fp8_linear(x, self.weight, self.weight_scale, self.bias) if self.fp8 else F.linear(x, self.weight, self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.is_moe:
@@ -353,17 +353,28 @@ def _set_experts(ckpt: Checkpoint, layer: LoRALinear, module: str, f: _Found, al
     return None
 
 
-def _add_part(ckpt: Checkpoint, layer: LoRALinear, target: Target, f: _Found, alpha: float | None) -> str | None:
-    """Install one plain LoRA part; returns what is wrong with it, if anything."""
+def _plain_part(ckpt: Checkpoint, target: Target, f: _Found, rows: tuple[int, int], in_features: int
+                ) -> tuple[Tensor, Tensor] | str:
+    """One plain LoRA part's (A, B) as stored (B's halves swapped where diffusers' order differs),
+    checked against the rows it adapts; or what is wrong with it."""
     if set(f.A) != {0} or set(f.B) != {0}:
         have = [n for n, d in (("lora_A", f.A), ("lora_B", f.B)) if d]
         return f"{target.module} part {target.part}: needs both lora_A and lora_B, has {have}"
-    A, B = (ckpt.tensor(k).to(layer.weight.device, layer.adapter_dtype) for k in (f.A[0], f.B[0]))
-    start, end = layer.rows[target.part]
-    if A.shape[1] != layer.in_features or B.shape[0] != end - start or A.shape[0] != B.shape[1]:
+    A, B = ckpt.tensor(f.A[0]), ckpt.tensor(f.B[0])
+    start, end = rows
+    if A.shape[1] != in_features or B.shape[0] != end - start or A.shape[0] != B.shape[1]:
         return (f"{f.A[0]}: A {list(A.shape)} and B {list(B.shape)} do not fit {target.module} "
-                f"(rows {start}:{end} of {layer.in_features} inputs)")
-    layer.add_part(target.part, A, swap_halves([B]) if target.swap else B, alpha)
+                f"(rows {start}:{end} of {in_features} inputs)")
+    return A, swap_halves([B]) if target.swap else B
+
+
+def _add_part(ckpt: Checkpoint, layer: LoRALinear, target: Target, f: _Found, alpha: float | None) -> str | None:
+    """Install one plain LoRA part; returns what is wrong with it, if anything."""
+    part = _plain_part(ckpt, target, f, layer.rows[target.part], layer.in_features)
+    if isinstance(part, str):
+        return part
+    A, B = (t.to(layer.weight.device, layer.adapter_dtype) for t in part)
+    layer.add_part(target.part, A, B, alpha)
     return None
 
 
@@ -419,20 +430,16 @@ def plain_lora_updates(model: Flux, path: "str | Path", scale: float = 1.0
     for target, f in found.items():
         if f.moe:
             continue
-        if set(f.A) != {0} or set(f.B) != {0}:
-            problems.append(f"{target.module} part {target.part}: needs both lora_A and lora_B")
-            continue
         layer = _get(model, target.module)
-        start, end = part_rows(layer, target.n_parts, model.params.hidden_size)[target.part]
-        A, B = ckpt.tensor(f.A[0]), ckpt.tensor(f.B[0])
-        if A.shape[1] != layer.in_features or B.shape[0] != end - start or A.shape[0] != B.shape[1]:
-            problems.append(f"{f.A[0]}: A {list(A.shape)} and B {list(B.shape)} do not fit {target.module} "
-                            f"(rows {start}:{end} of {layer.in_features} inputs)")
+        rows = part_rows(layer, target.n_parts, model.params.hidden_size)[target.part]
+        part = _plain_part(ckpt, target, f, rows, layer.in_features)
+        if isinstance(part, str):
+            problems.append(part)
             continue
+        A, B = part
         r = A.shape[0]
         alpha = float(ckpt.tensor(f.alpha).item()) if f.alpha else r
-        out.setdefault(target.module, []).append((start, end, A, swap_halves([B]) if target.swap else B,
-                                                   scale * alpha / r))
+        out.setdefault(target.module, []).append((*rows, A, B, scale * alpha / r))
     if problems:
         raise WeightsError(f"{ckpt.name} does not fit this model ({len(problems)} problem(s)): {_listing(problems, 3)}. "
                            f"Is it a LoRA for FLUX.1 Fill [dev] (ICEdit)?")

@@ -166,7 +166,7 @@ def denoise(model, state: DenoiseState, cond: Conditioning, guidance: float, sto
         pre = model.precompute(sigmas, c.vec, g, c.txt_ids, c.img_ids)
     for i in range(start, stop):
         t_cur, t_prev = state.timesteps[i], state.timesteps[i + 1]
-        t = torch.full((B,), t_cur, device=x.device)
+        t = torch.full((B,), t_cur, device=x.device) if pre is None else None  # (pre holds what t gives)
         inp = x if c.img_cond is None else torch.cat([x, c.img_cond], dim=-1)
         v = model(img=inp.to(dtype), img_ids=c.img_ids, txt=c.txt, txt_ids=c.txt_ids, timesteps=t, y=c.vec,
                   guidance=g, **({} if pre is None else {"pre": pre.step(i)})).float()

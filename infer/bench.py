@@ -92,23 +92,26 @@ def bench_preset(name: str, depth: int | None = None, single_depth: int | None =
     return replace(p, flux=f)
 
 
-def our_models(p: Preset, dev, dtype, vae_dtype) -> Models:
-    """Random weights (normal 0.02; norms 1, biases 0), in `dtype`, the VAE in `vae_dtype`."""
-    def randomized(module, std=0.02):
-        module = module.to_empty(device=dev)
-        with torch.no_grad():
-            for name, t in module.state_dict().items():
-                t.normal_(0, std) if t.ndim > 1 else t.fill_(1.0 if "norm" in name or "scale" in name else 0.0)
-        return module.to(dtype).eval()
+def randomized(module: torch.nn.Module, dev, dtype, std: float = 0.02) -> torch.nn.Module:
+    """`module` (on the meta device or not) with random weights on `dev` in `dtype`: normal(0, std)
+    matrices, norm scales 1, biases 0."""
+    module = module.to_empty(device=dev)
+    with torch.no_grad():
+        for name, t in module.state_dict().items():
+            t.normal_(0, std) if t.ndim > 1 else t.fill_(1.0 if "norm" in name or "scale" in name else 0.0)
+    return module.to(dtype).eval()
 
+
+def our_models(p: Preset, dev, dtype, vae_dtype) -> Models:
+    """Random weights (`randomized`), in `dtype`, the VAE in `vae_dtype`."""
     with torch.device("meta"):
         flux, t5, clip, vae = Flux(p.flux), OurT5(p.t5), OurCLIP(p.clip), AutoEncoder(p.ae)
-    vae = randomized(vae).float()
+    vae = randomized(vae, dev, torch.float32)
     with torch.no_grad():  # posterior std ~exp(-15): diffusers samples the VAE where we take the mean
         z = p.ae.z_channels
         vae.encoder.conv_out.weight[z:] = 0
         vae.encoder.conv_out.bias[z:] = -30.0
-    return Models(randomized(flux), randomized(t5), randomized(clip), vae.to(vae_dtype))
+    return Models(*(randomized(m, dev, dtype) for m in (flux, t5, clip)), vae.to(vae_dtype))
 
 
 def reference_twins(ours: Models, p: Preset) -> Models:
@@ -314,12 +317,10 @@ def vae_error(weights: Path, images: list[Path], dev) -> int:
     return 0
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m infer.bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def shape_args(ap: argparse.ArgumentParser) -> None:
+    """The model and input shape options, shared with infer/profile.py (defaults: `shape_defaults`)."""
     ap.add_argument("--preset", choices=["tiny", "real"], default="tiny")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--width", type=int, default=None, help="source width (tiny: 64; real: 512 on a GPU, 128 on a CPU)")
     ap.add_argument("--depth", type=int, default=None, help="double blocks (default: the preset's, 19 for real)")
     ap.add_argument("--single-depth", type=int, default=None, help="single blocks (default: the preset's, 38 for real)")
@@ -328,21 +329,40 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                     help="default: bf16 for the real preset on a GPU, fp32 otherwise (a tight --check)")
     ap.add_argument("--lora", default=None, help="a LoRA file (official layout or ours), or random-lora / random-moe")
-    ap.add_argument("--no-merge-lora", action="store_true", help="keep a plain LoRA apart on our side")
     ap.add_argument("--compile", action="store_true", help="ours: regional torch.compile of the blocks")
-    ap.add_argument("--cuda-graphs", action="store_true", help="ours: the denoising step replayed from a CUDA graph")
     ap.add_argument("--attention", choices=ATTENTION_BACKENDS, default="sdpa", help="ours: the attention kernel")
-    ap.add_argument("--check", action="store_true", help="compare the final latents; exit 1 past the tolerance")
-    ap.add_argument("--vae-error", type=Path, metavar="WEIGHTS",
-                    help="instead: the VAE of WEIGHTS in bf16 against float32 on --images")
-    ap.add_argument("--images", type=Path, nargs="+", default=sorted(Path("examples/mini").glob("*.png")))
-    args = ap.parse_args(argv)
+
+
+def shape_defaults(args: argparse.Namespace) -> argparse.Namespace:
     cpu = torch.device(args.device).type == "cpu"
     args.width = args.width or (64 if args.preset == "tiny" else 128 if cpu else 512)
     if args.text_layers is None and args.preset == "real" and cpu:
         args.text_layers = 1
     args.dtype = args.dtype or ("bf16" if args.preset == "real" and not cpu else "fp32")
     return args
+
+
+def lora_path(arg: str, flux: Flux, folder: Path) -> Path:
+    """--lora's file: the path given, or a random file of that kind written into `folder`."""
+    if arg in ("random-lora", "random-moe"):
+        return random_lora(flux, folder / f"{arg}.safetensors", 4 if arg == "random-moe" else 0)
+    if not Path(arg).exists():
+        raise SystemExit(f"--lora {arg}: no such file (or use random-lora / random-moe)")
+    return Path(arg)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m infer.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    shape_args(ap)
+    ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--no-merge-lora", action="store_true", help="keep a plain LoRA apart on our side")
+    ap.add_argument("--cuda-graphs", action="store_true", help="ours: the denoising step replayed from a CUDA graph")
+    ap.add_argument("--check", action="store_true", help="compare the final latents; exit 1 past the tolerance")
+    ap.add_argument("--vae-error", type=Path, metavar="WEIGHTS",
+                    help="instead: the VAE of WEIGHTS in bf16 against float32 on --images")
+    ap.add_argument("--images", type=Path, nargs="+", default=sorted(Path("examples/mini").glob("*.png")))
+    return shape_defaults(ap.parse_args(argv))
 
 
 def main(argv=None) -> int:
@@ -363,11 +383,7 @@ def main(argv=None) -> int:
     pipe.set_progress_bar_config(disable=True)
     if args.lora:
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(args.lora)
-            if args.lora in ("random-lora", "random-moe"):
-                path = random_lora(ours.flux, Path(tmp) / f"{args.lora}.safetensors", 4 if args.lora == "random-moe" else 0)
-            elif not path.exists():
-                raise SystemExit(f"--lora {path}: no such file (or use random-lora / random-moe)")
+            path = lora_path(args.lora, ours.flux, Path(tmp))
             print("LoRA:", load_lora_both(ours, theirs, pipe, path, merge=not args.no_merge_lora))
     if args.compile:
         print(f"compiling {compile_blocks(ours.flux)} blocks (regionally: one graph per kind of block)")

@@ -25,6 +25,7 @@ import torch
 
 from flux_minimal import PRESETS, Flux
 from flux_minimal.fp8 import linear_bytes, quantize_linears
+from infer.bench import randomized
 
 REPO = Path(__file__).resolve().parent.parent
 GB = 1e9
@@ -78,11 +79,7 @@ def tiny() -> None:
     from flux_minimal.sampling import Conditioning, DenoiseState, denoise, get_noise, get_schedule, image_ids, pack
     p = PRESETS["tiny-fill"].flux
     torch.manual_seed(0)
-    ref = Flux(p).eval()
-    with torch.no_grad():
-        for name, t in ref.state_dict().items():
-            t.normal_(0, 0.1) if t.ndim > 1 else t.fill_(1.0 if "norm" in name or "scale" in name else 0.0)
-    ref = ref.to(torch.bfloat16)
+    ref = randomized(Flux(p), "cpu", torch.bfloat16, std=0.1)
     H, W = 64, 128
     L = (H // 16) * (W // 16)
     cond = Conditioning(image_ids(1, H, W), torch.randn(1, 16, p.context_in_dim), torch.zeros(1, 16, 3),
@@ -104,15 +101,13 @@ def real_blocks(tokens: int) -> None:
     f = PRESETS["flux-fill-dev"].flux
     side = int(tokens ** 0.5)
     D, T, L = f.hidden_size, 512, side * side
-    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)  # the blocks' weights
+    g = torch.Generator().manual_seed(0)  # their inputs
     ids = torch.cat([torch.zeros(1, T, 3), image_ids(1, 16 * side, 16 * side)], dim=1)  # [txt; img] positions
     pe = EmbedND(f.head_dim, f.theta, f.axes_dim)(ids)
     for kind, block in (("double", DoubleStreamBlock(D, f.num_heads, f.mlp_ratio, f.qkv_bias)),
                         ("single", SingleStreamBlock(D, f.num_heads, f.mlp_ratio))):
-        with torch.no_grad():
-            for name, t in block.state_dict().items():
-                t.normal_(0, 0.02, generator=g) if t.ndim > 1 else t.fill_(1.0 if "scale" in name else 0.0)
-        block = block.to(torch.bfloat16).eval()
+        block = randomized(block, "cpu", torch.bfloat16)
         vec = torch.randn(1, D, generator=g).to(torch.bfloat16)
         txt, img = (torch.randn(1, n, D, generator=g).to(torch.bfloat16) for n in (T, L))
         with torch.no_grad():
@@ -168,8 +163,7 @@ def memory_table() -> None:
 
 def gpu_edit(steps: int) -> None:
     """Random real-shape weights on the GPU: one edit in bf16, then the same DiT quantized in place."""
-    from infer.bench import bench_preset, make_inputs, our_models
-    from infer.profile import one_edit
+    from infer.bench import bench_preset, make_inputs, our_models, run_ours
     dev = torch.device("cuda")
     p = bench_preset("real")
     m = our_models(p, dev, torch.bfloat16, vae_dtype=torch.bfloat16)
@@ -179,10 +173,10 @@ def gpu_edit(steps: int) -> None:
             quantize_linears(m.flux)
             quantize_linears(m.t5)
             torch.cuda.empty_cache()
-        one_edit(m, x, 2, dev)
+        run_ours(m, x, 2, dev, None)
         torch.cuda.reset_peak_memory_stats(dev)
         t0 = time.perf_counter()
-        one_edit(m, x, steps, dev)
+        run_ours(m, x, steps, dev, None)
         print(f"GPU real shape, {mode}: {time.perf_counter() - t0:.2f} s per edit ({steps} steps), peak "
               f"{torch.cuda.max_memory_allocated(dev) / GB:.1f} GB")
 

@@ -41,9 +41,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 import flux_minimal.ops as ops
 from flux_minimal.lora import LoRALinear, load_lora, merge_lora
 from flux_minimal.mmdit import MLPEmbedder, Modulation, RMSNorm
-from flux_minimal.sampling import (Conditioning, DenoiseState, denoise, fill_conditioning, get_schedule, image_ids,
-                                   pack, unpack)
-from infer.bench import bench_preset, make_inputs, our_models, random_lora
+from infer.bench import bench_preset, lora_path, make_inputs, our_models, run_ours, shape_args, shape_defaults
 from infer.fast import compile_blocks
 
 KINDS = ("attention", "linears", "modulation", "norms, RoPE", "LoRA-MoE", "VAE", "text encoders")
@@ -155,19 +153,6 @@ def labelled_ops(kinds: Kinds):
         ops.apply_rope, ops._BACKENDS[name] = rope, backend
 
 
-def one_edit(m, x, steps: int, dev) -> None:
-    H, W = x.image.shape[-2:]
-    with torch.no_grad():
-        txt, vec = m.t5(x.ids_t5), m.clip(x.ids_clip)
-        cond = Conditioning(image_ids(1, H, W, dev), txt, torch.zeros(1, txt.shape[1], 3, device=dev), vec,
-                            fill_conditioning(m.vae, x.image, x.mask))
-        state = denoise(m.flux, DenoiseState(pack(x.noise).to(dev), get_schedule(steps, (H // 16) * (W // 16))),
-                        cond, 50.0)
-        m.vae.decode(unpack(state.x, H, W))
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def event_time(e, cuda: bool) -> float:
     """Microseconds: device time (kernels launched inside, children included) on a GPU, else CPU time."""
     return (e.device_time_total if cuda else e.cpu_time_total)
@@ -257,26 +242,12 @@ def moe_vs_base(flux: nn.Module, tokens: dict[int, int], dev, repeat: int) -> li
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m infer.profile", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=["tiny", "real"], default="tiny")
-    ap.add_argument("--device", default="cpu")
+    shape_args(ap)
     ap.add_argument("--steps", type=int, default=None, help="default: 28 on a GPU, 2 on a CPU")
-    ap.add_argument("--width", type=int, default=None, help="source width (tiny: 64; real: 512 on a GPU, 128 on a CPU)")
-    ap.add_argument("--depth", type=int, default=None)
-    ap.add_argument("--single-depth", type=int, default=None)
-    ap.add_argument("--text-layers", type=int, default=None, help="default: all; 1 for the real preset on a CPU")
-    ap.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on a GPU, fp32 on a CPU")
-    ap.add_argument("--lora", default=None, help="a LoRA file, or random-lora / random-moe")
-    ap.add_argument("--compile", action="store_true", help="regional torch.compile (kernel table only)")
-    ap.add_argument("--attention", choices=ops.ATTENTION_BACKENDS, default="sdpa")
     ap.add_argument("--trace", type=Path, default=Path("flux_trace.json"), help="Chrome trace output")
     ap.add_argument("--top", type=int, default=15, help="rows of the kernel table")
-    args = ap.parse_args(argv)
-    cpu = torch.device(args.device).type == "cpu"
-    args.steps = args.steps or (2 if cpu else 28)
-    args.width = args.width or (64 if args.preset == "tiny" else 128 if cpu else 512)
-    if args.text_layers is None and args.preset == "real" and cpu:
-        args.text_layers = 1
-    args.dtype = args.dtype or ("fp32" if cpu else "bf16")
+    args = shape_defaults(ap.parse_args(argv))
+    args.steps = args.steps or (2 if torch.device(args.device).type == "cpu" else 28)
     return args
 
 
@@ -293,10 +264,7 @@ def main(argv=None) -> int:
     m = our_models(p, dev, dtype, vae_dtype=dtype)
     if args.lora:
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(args.lora)
-            if args.lora in ("random-lora", "random-moe"):
-                path = random_lora(m.flux, Path(tmp) / "lora.safetensors", 4 if args.lora == "random-moe" else 0)
-            load_lora(m.flux, path)
+            load_lora(m.flux, lora_path(args.lora, m.flux, Path(tmp)))
             merge_lora(m.flux)
     if args.compile:
         compile_blocks(m.flux)
@@ -305,14 +273,14 @@ def main(argv=None) -> int:
     print(f"{args.preset}: DiT {p.flux.depth} + {p.flux.depth_single_blocks} blocks of width {p.flux.hidden_size}, "
           f"diptych {2 * args.width}x{args.width}, {args.steps} steps, {args.dtype}, {dev}"
           + (f", LoRA {args.lora}" if args.lora else "") + (", compiled" if args.compile else ""))
-    one_edit(m, x, args.steps, dev)  # warm-up (and compilation)
+    run_ours(m, x, args.steps, dev, None)  # warm-up (and compilation)
     if not args.compile:
         watch_models(kinds, m.flux, m.vae, [m.t5, m.clip])
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with labelled_ops(kinds) if not args.compile else nullcontext():
         with profile(activities=activities, record_shapes=False) as prof:
             with record_function("edit"):
-                one_edit(m, x, args.steps, dev)
+                run_ours(m, x, args.steps, dev, None)
     kinds.close()
     edit = next(e for e in prof.key_averages() if e.key == "edit")
     total_us = event_time(edit, cuda) if cuda else edit.cpu_time_total
