@@ -9,7 +9,7 @@ row block ("part") of the fused layer, so `LoRALinear` holds one (A, B) pair per
 
 The mixture of LoRA experts (ICEdit-MoE) sits on unfused layers (img_mlp.2, linear2):
     e = argmax(R x) per token;  y = W x + b + s * B_e (A_e x)
-computed by `kernels.lora_moe.lora_moe_linear` (the fused Triton kernel on CUDA, its torch
+computed by `flux_kernels.lora_moe.lora_moe_linear` (the fused Triton kernel on CUDA, its torch
 reference elsewhere). With top-1 routing the router receives no gradient (see the kernel).
 
 Files: the official diffusers/peft layout (`transformer.<diffusers module>.lora_A.weight`,
@@ -162,7 +162,7 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.is_moe:
-            from kernels.lora_moe import lora_moe_linear  # Triton is imported only where MoE layers exist
+            from flux_kernels.lora_moe import lora_moe_linear  # Triton is imported only where MoE layers exist
             A, B, R = (t.to(x.dtype) for t in (self.lora_A["experts"], self.lora_B["experts"], self.lora_route))
             return lora_moe_linear(x, self.weight, self.bias, A, B, R, scale=self.scale * self.scales["experts"],
                                    base_out=self.base(x) if self.fp8 else None)

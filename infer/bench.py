@@ -186,14 +186,14 @@ def random_lora(flux: Flux, path: Path, experts: int, rank: int = 32, seed: int 
 
 class OfficialMoE(torch.nn.Module):
     """The official ICEdit MoE-LoRA layer's maths (every expert on every token, masked by the top-1
-    routing) around a diffusers linear layer: `kernels.lora_moe.lora_moe_linear_ref`."""
+    routing) around a diffusers linear layer: `flux_kernels.lora_moe.lora_moe_linear_ref`."""
 
     def __init__(self, base: torch.nn.Linear, A: torch.Tensor, B: torch.Tensor, R: torch.Tensor):
         super().__init__()
         self.base, self.A, self.B, self.R = base, A, B, R
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from kernels.lora_moe import lora_moe_linear_ref
+        from flux_kernels.lora_moe import lora_moe_linear_ref
         return lora_moe_linear_ref(x, self.base.weight, self.base.bias, self.A, self.B, self.R)
 
 

@@ -14,7 +14,7 @@ CUDA graphs (`GraphedDenoiser`): one denoising step is captured once per shape a
 step is written over static buffers: the latent, the conditioning, every step's adaLN vectors
 (`Flux.precompute`, [S, B, 1, k D]), the sigmas, and a step counter on the device that selects the
 step's row. Nothing in the step may wait for the host (no `.item()`, no `nonzero`, no bincount:
-kernels/lora_moe.py groups tokens without them). On a CPU the same step runs eagerly over the same
+flux_kernels/lora_moe.py groups tokens without them). On a CPU the same step runs eagerly over the same
 buffers: that is how the tests check it against `sampling.denoise`.
 """
 

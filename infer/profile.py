@@ -209,7 +209,7 @@ def attention_kernels(prof) -> list[str]:
 
 def moe_vs_base(flux: nn.Module, tokens: dict[int, int], dev, repeat: int) -> list[str]:
     """Each LoRA-MoE layer shape of the model alone against its base GEMM."""
-    from kernels.lora_moe import lora_moe_linear
+    from flux_kernels.lora_moe import lora_moe_linear
     rows = ["| layer shape (T x K -> N) | base GEMM ms | LoRA-MoE ms | ratio |", "| --- | ---: | ---: | ---: |"]
     seen = set()
     for name, m in flux.named_modules():

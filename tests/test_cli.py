@@ -226,16 +226,16 @@ def test_save_png_atomic_on_failure(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_generic_top_level_names_do_not_clash(tmp_path):
-    """Other packages called kernels/infer/train (PyPI has a `kernels`) must not shadow ours when
-    run from the repository root, as the README says."""
-    for name in ("kernels", "infer", "train"):
+def test_our_packages_win_over_packages_of_the_same_name(tmp_path):
+    """Packages called like ours elsewhere on the path (PyPI has an `infer` and a `train`) do not
+    shadow ours when run from the repository root (tests/test_names.py checks the other way)."""
+    for name in ("flux_kernels", "flux_minimal", "infer", "train"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text("raise ImportError('the wrong package was imported')\n")
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
-    r = subprocess.run([sys.executable, "-c", "import kernels.lora_moe, infer.pipeline, train.train; "
-                        "print(kernels.__file__, infer.__file__, train.__file__)"], cwd=REPO, capture_output=True,
-                       text=True, env=env)
+    r = subprocess.run([sys.executable, "-c", "import flux_kernels.lora_moe, flux_minimal, infer.pipeline, train.train; "
+                        "print(flux_kernels.__file__, flux_minimal.__file__, infer.__file__, train.__file__)"],
+                       cwd=REPO, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert all(Path(f).is_relative_to(REPO) for f in r.stdout.split())
     r = subprocess.run([sys.executable, "-m", "infer.edit", "--help"], cwd=REPO, capture_output=True, text=True, env=env)

@@ -23,7 +23,7 @@ from flux_minimal.lora import add_lora, lora_layers
 from flux_minimal.ops import attention_backend, set_attention_backend
 from flux_minimal.sampling import Conditioning, DenoiseState, denoise, get_noise, get_schedule, image_ids, pack
 from infer.fast import GraphedDenoiser, compile_blocks
-from kernels.lora_moe import _group_by_expert
+from flux_kernels.lora_moe import _group_by_expert
 from tests.helpers import randomize_, rel_err
 
 REPO = Path(__file__).resolve().parent.parent

@@ -119,7 +119,7 @@ def test_moe_experts_beside_an_fp8_base(monkeypatch, interpret):
     """A LoRA-MoE layer over an FP8 weight: the experts in bf16 add to the FP8 GEMM's output (the
     Triton kernels under the interpreter, or the CPU path), as the reference computes it with the
     dequantized weight."""
-    from kernels.lora_moe import lora_moe_linear, lora_moe_linear_ref
+    from flux_kernels.lora_moe import lora_moe_linear, lora_moe_linear_ref
     monkeypatch.setenv("TRITON_INTERPRET", interpret)
     g = torch.Generator().manual_seed(0)
     T, K, N, E, r = 40, 64, 48, 4, 8

@@ -1,4 +1,4 @@
-"""Triton top-1 LoRA-MoE kernels (kernels/lora_moe.py) against their torch reference.
+"""Triton top-1 LoRA-MoE kernels (flux_kernels/lora_moe.py) against their torch reference.
 
 The kernels run on the CPU under TRITON_INTERPRET=1 (set by conftest.py before triton is
 imported); with TRITON_INTERPRET=0 on a CUDA machine the same tests run the compiled kernels.
@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels.lora_moe as lm
-from kernels.lora_moe import (_group_by_expert, lora_moe_linear, lora_moe_linear_ref,
+import flux_kernels.lora_moe as lm
+from flux_kernels.lora_moe import (_group_by_expert, lora_moe_linear, lora_moe_linear_ref,
                               lora_moe_linear_triton, route)
 from tests.helpers import rel_err
 
@@ -212,7 +212,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _bench(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, "-m", "kernels.bench_lora_moe", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "flux_kernels.bench_lora_moe", *args], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -1,9 +1,9 @@
 """Benchmark the top-1 LoRA-MoE linear at the FLUX shapes, on a CUDA GPU.
 
-    .venv/bin/python -m kernels.bench_lora_moe                       # T in {2560, 15360}, K in {12288, 15360}
-    .venv/bin/python -m kernels.bench_lora_moe --tokens 2560 --k 12288 --no-backward
-    .venv/bin/python -m kernels.bench_lora_moe --compile-only         # no GPU needed: sm_90 build check
-    .venv/bin/python -m kernels.bench_lora_moe --compile-only --dtypes bf16 --arch 90
+    .venv/bin/python -m flux_kernels.bench_lora_moe                       # T in {2560, 15360}, K in {12288, 15360}
+    .venv/bin/python -m flux_kernels.bench_lora_moe --tokens 2560 --k 12288 --no-backward
+    .venv/bin/python -m flux_kernels.bench_lora_moe --compile-only         # no GPU needed: sm_90 build check
+    .venv/bin/python -m flux_kernels.bench_lora_moe --compile-only --dtypes bf16 --arch 90
 
 For each (T, K) with N = 3072, E = 4, r = 32, bf16 it times (triton.testing.do_bench, median):
   base      F.linear(x, W, b) alone (cuBLAS): the floor any fused version is measured against
@@ -70,7 +70,7 @@ def bench_case(c: Case, backward: bool, device: str = "cuda") -> bool:
     """Validate, then time; returns False if a variant disagrees with the reference."""
     import triton.testing
 
-    from kernels.lora_moe import lora_moe_linear_ref, lora_moe_linear_triton
+    from flux_kernels.lora_moe import lora_moe_linear_ref, lora_moe_linear_triton
 
     x, w, b, a, bb, r = make_inputs(c, device, torch.bfloat16, grad=backward)
     variants = {
@@ -128,7 +128,7 @@ def compile_only(arch: int, dtypes: list[str]) -> None:
     from triton.compiler import ASTSource
     from triton.compiler import compile as triton_compile
 
-    import kernels.lora_moe as lm
+    import flux_kernels.lora_moe as lm
 
     launches = []
 
