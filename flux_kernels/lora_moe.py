@@ -34,7 +34,7 @@ Design (why it is shaped like this):
    kernel computes the base GEMM itself over the grouped rows and adds the LoRA term before its
    single store (the "GEMM with a LoRA epilogue" design). cuBLAS is the default because a Triton
    GEMM with gathered rows is unlikely to beat cuBLAS on Hopper without tuning we have not been
-   able to do (nor is there an L2 tile swizzle yet); flux_kernels/bench_lora_moe.py times both, and
+   able to do (nor is there an L2 tile swizzle yet); flux_bench/lora_moe.py times both, and
    FUSE_BASE_GEMM should be set to the winner once the README's table is filled.
 5. Backward reuses the same kernels: g = B_e^T dy (down, over N), dx = dy W + s g A_e (up, over K),
    and `_lora_wgrad_kernel` for dA_e and dB_e: per expert, a sum over its tokens of outer

@@ -135,7 +135,7 @@ PRESETS: dict[str, Preset] = {
     # Tiny presets: same code, random weights, seconds on a CPU. The tests run these.
     "tiny-fill": Preset(_tiny_flux(384), _TINY_AE, _TINY_T5, _TINY_CLIP),
     "tiny-dev": Preset(_tiny_flux(64), _TINY_AE, _TINY_T5, _TINY_CLIP),
-    # The miniature world (train/shapes/recipe.py, assets/mini): every component, small enough to train
+    # The miniature world (mini_world/recipe.py, assets/mini): every component, small enough to train
     # on a CPU in a few hours. Vocabulary sizes are set by the tokenizers it learns. Its VAE downsamples
     # 4x, not 8x, so a 64-px scene keeps 16 x 16 latent pixels (8x lost small shapes); the Fill input
     # is then 64 + 64 + 64 channels (the mask unshuffled 4 x 4 instead of 8 x 8).

@@ -14,7 +14,7 @@ How a layer computes (`fp8_linear`):
 - Elsewhere (CPU, older GPUs): the weight is dequantized to the activations' dtype for the call
   (one layer at a time; the model stays in FP8).
 
-Where the weights come from (`mmdit.load_flux(..., fp8=True)`): each linear weight is quantized
+Where the weights come from (`flux_loading.load_flux(..., fp8=True)`): each linear weight is quantized
 as it is read from the file, so a bf16 checkpoint never sits in memory whole; a plain LoRA is
 added to its weight first (merging after quantizing would round twice). Files whose weights are
 already float8 (the single-file FP8 FLUX checkpoints) load as they are, with their per-tensor or
@@ -126,7 +126,7 @@ def load_fp8(model: nn.Module, ckpt: Checkpoint, rules: list[Rule] = (), *, devi
              ignore: tuple[str, ...] = (), updates: dict | None = None, rows: int = 256) -> nn.Module:
     """`loading.load_state` for a meta-device `model` whose linear layers become FP8Linear: each
     weight is quantized as it is read (in float32, `rows` rows at a time), after adding its plain
-    LoRA `updates` ({layer: [(first row, end row, A, B, s)]}, lora.plain_lora_updates). Weights
+    LoRA `updates` ({layer: [(first row, end row, A, B, s)]}, lora_files.plain_lora_updates). Weights
     already in float8 are kept, with the file's scales. Everything else takes `dtype`. Host memory
     peaks near the FP8 model plus one file tensor (its mapped pages are dropped once converted)."""
     layers, updates, scales = fp8_linears(model), updates or {}, {}

@@ -1,9 +1,10 @@
-"""Images in and out, and the in-context diptych: shared by the editing pipeline and training.
+"""Images in and out, shared by the editing pipeline, training and evaluation.
 
-    source (any mode, EXIF-rotated) -> RGB, width w (x16), height h (x16, aspect kept)
-    diptych [source | source] (2w x h), mask = 1 on the right half: FLUX Fill regenerates it
-    prompt  IC_PROMPT.format(instruction)
-    edit    = the right half of the result, crop (w, 0, 2w, h)
+    in   a file or a PIL image (any mode, EXIF-rotated) -> checked -> RGB (`load_image`),
+         resized to a width (x16, aspect kept: `fit_width`)
+    out  [-1, 1] tensors <-> PIL (`to_tensor`, `to_pil`); PNGs written atomically (`save_png`)
+
+ICEdit's own use of images (the diptych, its mask, the prompt) is in icedit.py.
 """
 
 from pathlib import Path
@@ -17,19 +18,8 @@ from torch import Tensor
 from .errors import FluxMinimalError
 from .files import atomic_write, save_or_fallback
 
-# The in-context edit prompt, exactly as in the paper and the official scripts.
-IC_PROMPT = ("A diptych with two side-by-side images of the same scene. On the right, the scene is "
-             "exactly the same as on the left but {instruction}")
-
 MIN_SIDE = 64  # smaller inputs carry too little to edit; FLUX works on 16-pixel patches
 MAX_PIXELS = 64_000_000  # larger files are refused before decoding (decompression-bomb guard)
-
-
-def ic_prompt(instruction: str, template: str = IC_PROMPT) -> str:
-    instruction = " ".join(instruction.split())
-    if not instruction:
-        raise FluxMinimalError("the instruction is empty: say what to change, e.g. \"make the sky purple\"")
-    return template.format(instruction=instruction)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -85,28 +75,6 @@ def fit_width(img: Image.Image, width: int) -> Image.Image:
     return img.resize((w16, h16), Image.Resampling.LANCZOS)
 
 
-def make_diptych(left: Image.Image, right: Image.Image | None = None) -> Image.Image:
-    """[left | right] side by side (right defaults to left: it is masked out at inference)."""
-    right = left if right is None else right
-    if right.size != left.size:
-        raise ValueError(f"diptych halves differ in size: {left.size} vs {right.size}")
-    out = Image.new("RGB", (2 * left.width, left.height))
-    out.paste(left, (0, 0))
-    out.paste(right, (left.width, 0))
-    return out
-
-
-def right_half_mask(height: int, width: int) -> Tensor:
-    """[1, 1, H, W] float mask of a diptych of total width W: 0 on the left, 1 (generate) on the right."""
-    mask = torch.zeros(1, 1, height, width)
-    mask[..., width // 2:] = 1.0
-    return mask
-
-
-def right_half(img: Image.Image) -> Image.Image:
-    return img.crop((img.width // 2, 0, img.width, img.height))
-
-
 def to_tensor(img: Image.Image) -> Tensor:
     """PIL RGB -> [1, 3, H, W] float32 in [-1, 1]."""
     a = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32).copy())
@@ -117,7 +85,7 @@ def to_pil(x: Tensor) -> Image.Image:
     """[1, 3, H, W] or [3, H, W] in [-1, 1] -> PIL RGB (clamped, rounded to the nearest level)."""
     x = x.detach().float().cpu().reshape(-1, *x.shape[-3:])[0].clamp(-1, 1)
     a = ((x + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(a, "RGB")
+    return Image.fromarray(a)  # uint8 [H, W, 3]: RGB
 
 
 def png_writer(img: Image.Image, metadata: dict | None = None) -> Callable[[BinaryIO], None]:

@@ -12,7 +12,7 @@ so host memory peaks near the model plus its largest tensor, never twice the mod
 
 Key remapping (a diffusers folder onto our BFL-named model) is a declarative table of rules
 `(our key, source key(s), combine)`, with `{i}` a block index and `{w}` weight|bias; see
-`mmdit.FLUX_FROM_DIFFUSERS` and `vae.VAE_FROM_DIFFUSERS`.
+`flux_keys.FLUX_FROM_DIFFUSERS` and `vae.VAE_FROM_DIFFUSERS`.
 """
 
 import json

@@ -4,7 +4,7 @@
 so a faster kernel plugs in here (`register_attention_backend`) and nowhere else. Built in:
 "sdpa" (torch picks the kernel), and "flash", "cudnn", "efficient", "math", which force one of
 torch's scaled-dot-product kernels (`set_attention_backend(name, device, dtype)` checks that it
-runs there). The profiler (`python -m infer.profile`) shows which kernel ran.
+runs there). The profiler (`python -m flux_bench.profile`) shows which kernel ran.
 """
 
 import math

@@ -13,11 +13,14 @@ conditioning, and the objective is `flow_matching_mse` (`train/train.py`, the mi
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from einops import rearrange
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .mmdit import Flux
 
 
 def get_noise(seeds: list[int], height: int, width: int, channels: int = 16, down: int = 8) -> Tensor:
@@ -136,9 +139,41 @@ class DenoiseState:
         return replace(self, x=self.x[idx], x0=None if self.x0 is None else self.x0[idx])
 
 
+@dataclass
+class StepInputs:
+    """What every denoising step of one edit shares or knows in advance (`precompute_steps`):
+    the rotary table and, for each of S steps, every block's adaLN vectors."""
+
+    pe: Tensor  # [B, 1, T+L, head_dim/2, 2, 2] float32
+    adaln: list[Tensor]  # per double block, single block, then the final layer: [S, B, 1, k D]
+
+    def step(self, i: int | Tensor) -> "StepInputs":
+        """Step i's inputs (i an int, or a 1-element device tensor: CUDA graphs replay it)."""
+        if isinstance(i, Tensor):
+            return StepInputs(self.pe, [m.index_select(0, i)[0] for m in self.adaln])
+        return StepInputs(self.pe, [m[i] for m in self.adaln])
+
+
+@torch.no_grad()
+def precompute_steps(model: "Flux", timesteps: Tensor, y: Tensor, guidance: Tensor | None, txt_ids: Tensor,
+                     img_ids: Tensor) -> StepInputs:
+    """The model inputs of S steps made at once: timesteps [S] sigmas, y [B, vec_in_dim], guidance [B].
+
+    The adaLN vectors depend only on (t, guidance, pooled text) and the rotary table only on the
+    ids, all known before the first step: one GEMM per block over all steps instead of one per step
+    (the modulation weights, a quarter of the model, are read once per edit). Row s * B + b of each
+    batched GEMM is step s of sample b; the maths is the per-step path's."""
+    S, B = timesteps.shape[0], y.shape[0]
+    vec = model.embed_vec(timesteps[:, None].expand(S, B).reshape(-1), y.repeat(S, 1),
+                          None if guidance is None else guidance.repeat(S))  # [S B, D]
+    adaln = [m.unflatten(0, (S, B)) for m in model.adaln(vec)]  # [S, B, 1, k D] each
+    return StepInputs(model.rope(txt_ids, img_ids), adaln)
+
+
 def _precomputable(model, device: torch.device) -> bool:
     """A FLUX whose weights all sit on `device` (not block-streamed from host memory)."""
-    return hasattr(model, "precompute") and all(p.device == device for p in model.parameters())
+    return (all(hasattr(model, f) for f in ("embed_vec", "adaln", "rope"))
+            and all(p.device == device for p in model.parameters()))
 
 
 @torch.no_grad()
@@ -151,7 +186,7 @@ def denoise(model, state: DenoiseState, cond: Conditioning, guidance: float, sto
     BFL does the update in bf16 and diffusers rounds the latent to bf16 after each step; float32
     removes that drift and costs nothing next to the transformer.
     With `precompute` (and a FLUX on one device), every step's adaLN vectors and the rotary table
-    are made before the first step (`Flux.precompute`); nothing in a step then waits for the host.
+    are made before the first step (`precompute_steps`); nothing in a step then waits for the host.
     """
     start, stop = state.step, len(state.timesteps) - 1 if stop is None else stop
     x, x0, B = state.x, state.x0, state.x.shape[0]
@@ -163,13 +198,14 @@ def denoise(model, state: DenoiseState, cond: Conditioning, guidance: float, sto
         # every step of the schedule, whatever the range: a resumed run then uses the very same
         # vectors (one GEMM of the same shape) and continues bit for bit
         sigmas = torch.tensor(state.timesteps[:-1], dtype=torch.float32).to(x.device, non_blocking=True)
-        pre = model.precompute(sigmas, c.vec, g, c.txt_ids, c.img_ids)
+        pre = precompute_steps(model, sigmas, c.vec, g, c.txt_ids, c.img_ids)
     for i in range(start, stop):
         t_cur, t_prev = state.timesteps[i], state.timesteps[i + 1]
         t = torch.full((B,), t_cur, device=x.device) if pre is None else None  # (pre holds what t gives)
+        made = {} if pre is None else {"pe": pre.pe, "adaln": pre.step(i).adaln}
         inp = x if c.img_cond is None else torch.cat([x, c.img_cond], dim=-1)
         v = model(img=inp.to(dtype), img_ids=c.img_ids, txt=c.txt, txt_ids=c.txt_ids, timesteps=t, y=c.vec,
-                  guidance=g, **({} if pre is None else {"pre": pre.step(i)})).float()
+                  guidance=g, **made).float()
         x0 = x - t_cur * v
         x = x + (t_prev - t_cur) * v
         state = replace(state, x=x, x0=x0, step=i + 1, nfe=state.nfe + B)
@@ -190,7 +226,7 @@ def flow_matching_mse(model, x0: Tensor, noise: Tensor, t: Tensor, cond: Conditi
     at x_t = (1 - t) x0 + t noise against the target noise - x0, as a mean squared error [B] in
     float32 ([B, L] with per_token). x0, noise [B, L, 64]; t, guidance [B]; cond as at inference
     (Fill: img_cond is cat'ed to x_t). Shared by fine-tuning (train/train.py), the mini recipe's
-    base stage and its quick experiments (train/shapes/quick.py)."""
+    base stage and its quick experiments (mini_world/quick.py)."""
     x_t = noisy_sample(x0, noise, t)
     inp = x_t if cond.img_cond is None else torch.cat([x_t, cond.img_cond], dim=-1)
     v = model(img=inp.to(dtype or x_t.dtype), img_ids=cond.img_ids, txt=cond.txt, txt_ids=cond.txt_ids, timesteps=t,

@@ -10,7 +10,7 @@
       -> N pre-LN layers (clip.py's, not causal; ViT's key names mapped by VIT_RULES)
       -> layernorm -> x[:, 0]                                                  cls [B, hidden]
 
-What the metrics compare are cosines of these vectors (infer/metrics.py). No position-embedding
+What the metrics compare are cosines of these vectors (flux_eval/metrics.py). No position-embedding
 interpolation: the metrics' preprocessing always gives image_size x image_size.
 """
 
@@ -60,7 +60,7 @@ class ViTConfig(CLIPVisionConfig):
 def _check_size(pixels: Tensor, size: int) -> None:
     if tuple(pixels.shape[-2:]) != (size, size):
         raise ValueError(f"pixels must be {size} x {size} (the model's image_size), not "
-                         f"{tuple(pixels.shape[-2:])}: preprocess with infer.metrics")
+                         f"{tuple(pixels.shape[-2:])}: preprocess with flux_eval.metrics")
 
 
 # ---- CLIP ----------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from PIL import Image
 
 from flux_minimal.errors import FluxMinimalError, run_cli
 from flux_minimal.images import load_image, save_png
-from infer.edit import PRESETS, REPO
+from infer.options import EDIT, JUDGE_MODEL, OFFLOAD_MODES, PRESETS, REPO, EditOptions
 
 EXAMPLES = REPO / "examples" / "mini"
 
@@ -48,16 +48,17 @@ def mini_examples() -> list[list]:
 class Editor:
     """The model behind the page, loaded once; `edit` is what the button and the API call."""
 
-    def __init__(self, weights: Path, lora: Path | None, device: str = "cpu", offload: str = "none",
-                 width: int = 512, steps: int = 28, guidance: float = 50.0, fp8: bool = False):
+    def __init__(self, weights: Path, lora: Path | None, device: str = "cpu", offload: str = OFFLOAD_MODES[0],
+                 defaults: EditOptions = EDIT, fp8: bool = False):
         from infer.pipeline import ICEditPipeline
         self.pipe = ICEditPipeline.from_pretrained(weights, device=device, lora=lora, offload=offload, fp8=fp8)
-        self.defaults = dict(width=width, steps=steps, guidance=guidance)
+        self.defaults = defaults
         self.outputs = Path(tempfile.mkdtemp(prefix="icedit_app_"))  # downloads; gone with the machine's temp
         self.count = 0
 
-    def edit(self, image, instruction: str, seed: int = 42, steps: int | None = None, guidance: float | None = None,
-             width: int | None = None, candidates: int = 1, early_steps: int = 4, judge_url: str = "",
+    def edit(self, image, instruction: str, seed: int = EDIT.seed, steps: int | None = None,
+             guidance: float | None = None, width: int | None = None, candidates: int = EDIT.candidates,
+             early_steps: int = EDIT.early_steps, judge_url: str = "",
              judge_model: str = "", progress=None) -> tuple[Image.Image, list, Path, str]:
         """(result, [(candidate preview, caption)], the PNG to download, a status line). Raises
         FluxMinimalError with a message for the page on anything the user can fix."""
@@ -67,8 +68,8 @@ class Editor:
             raise FluxMinimalError("the instruction is empty: say what to change, e.g. \"turn the red circle blue\"")
         source = load_image(image)  # the same checks as the CLI (size, readability)
         d = self.defaults
-        kw = dict(width=int(width or d["width"]), steps=int(steps or d["steps"]),
-                  guidance=float(d["guidance"] if guidance is None else guidance), seed=int(seed), progress=True)
+        kw = dict(width=int(width or d.width), steps=int(steps or d.steps),
+                  guidance=float(d.guidance if guidance is None else guidance), seed=int(seed), progress=True)
         gallery: list = []
         if int(candidates) > 1:
             if not judge_url:
@@ -76,7 +77,7 @@ class Editor:
             from infer.judge import VLMJudge
             folder = Path(tempfile.mkdtemp(prefix="candidates_", dir=self.outputs))
             kw.update(candidates=int(candidates), early_steps=int(early_steps),
-                      judge=VLMJudge(judge_url, judge_model or "Qwen2.5-VL-72B-Instruct", retries=1),
+                      judge=VLMJudge(judge_url, judge_model or JUDGE_MODEL, retries=1),
                       save_candidates=folder)
         out = self.pipe.edit(source, instruction.strip(), **kw)
         report = self.pipe.last_report
@@ -138,15 +139,15 @@ def build(editor: Editor):
         status = gr.Markdown(elem_id="status")
         download = gr.File(label="PNG with its metadata", elem_id="download")
         with gr.Accordion("Advanced", open=False):
-            seed = gr.Number(label="seed", value=42, precision=0)
-            steps = gr.Slider(1, 100, value=editor.defaults["steps"], step=1, label="steps")
-            guidance = gr.Slider(0, 100, value=editor.defaults["guidance"], step=0.5, label="guidance")
-            width = gr.Slider(64, 2048, value=editor.defaults["width"], step=16, label="width")
+            seed = gr.Number(label="seed", value=editor.defaults.seed, precision=0)
+            steps = gr.Slider(1, 100, value=editor.defaults.steps, step=1, label="steps")
+            guidance = gr.Slider(0, 100, value=editor.defaults.guidance, step=0.5, label="guidance")
+            width = gr.Slider(64, 2048, value=editor.defaults.width, step=16, label="width")
         with gr.Accordion("Early-filter scaling (a VLM judge picks among candidates)", open=False):
-            candidates = gr.Slider(1, 12, value=1, step=1, label="candidates (M)")
-            early_steps = gr.Slider(1, 50, value=4, step=1, label="early steps (m)")
+            candidates = gr.Slider(1, 12, value=editor.defaults.candidates, step=1, label="candidates (M)")
+            early_steps = gr.Slider(1, 50, value=editor.defaults.early_steps, step=1, label="early steps (m)")
             judge_url = gr.Textbox(label="judge URL", placeholder="http://127.0.0.1:8000/v1")
-            judge_model = gr.Textbox(label="judge model", placeholder="Qwen/Qwen2.5-VL-72B-Instruct")
+            judge_model = gr.Textbox(label="judge model", placeholder=JUDGE_MODEL)
             previews = gr.Gallery(label="candidates (the judge's pick first)", columns=6, height=200,
                                   allow_preview=False, object_fit="contain")
         history = gr.Gallery(label="turns", columns=8, height=200, allow_preview=False, object_fit="contain", interactive=False,
@@ -169,7 +170,7 @@ def parse_args(argv):
     ap.add_argument("--weights", type=Path, help="a FLUX.1-Fill-dev snapshot (default: the mini model)")
     ap.add_argument("--lora", type=Path, help="default: the mini LoRA-MoE with the mini model, else none")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--offload", choices=["none", "model", "blocks"], default="none")
+    ap.add_argument("--offload", choices=OFFLOAD_MODES, default=OFFLOAD_MODES[0])
     ap.add_argument("--fp8", action="store_true", help="DiT and T5 linear weights in FP8 (as in the CLI)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=7860)
@@ -185,8 +186,7 @@ def main(argv=None) -> int:
         raise FluxMinimalError('the web app needs gradio: pip install ".[app]" (or bash setup.sh)') from None
     mini = PRESETS["mini"]
     if args.weights is None:
-        editor = Editor(mini["weights"], args.lora or mini["lora"], args.device, args.offload, mini["width"],
-                        mini["steps"], mini["guidance"], fp8=args.fp8)
+        editor = Editor(mini.weights, args.lora or mini.lora, args.device, args.offload, mini.edit, fp8=args.fp8)
     else:
         editor = Editor(args.weights, args.lora, args.device, args.offload, fp8=args.fp8)
     page = build(editor)

@@ -28,16 +28,7 @@ from flux_minimal.errors import FluxMinimalError, run_cli
 from flux_minimal.files import check_folder, check_output
 from flux_minimal.images import save_png
 from flux_minimal.ops import ATTENTION_BACKENDS
-
-REPO = Path(__file__).resolve().parent.parent
-# Presets: weights shipped with the repository, with the defaults they were trained for.
-PRESETS = {
-    "mini": dict(weights=REPO / "assets" / "mini", lora=REPO / "assets" / "mini" / "lora_moe.safetensors",
-                 width=64, steps=28, guidance=50.0),
-}
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
+from infer.options import DTYPES, EDIT, JUDGE_MODEL, OFFLOAD_MODES, PRESETS, PREVIEWS
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m infer.edit", description=__doc__,
@@ -50,13 +41,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, required=True, help="output PNG")
     ap.add_argument("--lora", type=Path, help="ICEdit LoRA or MoE-LoRA safetensors (file or folder)")
     ap.add_argument("--lora-scale", type=float, default=1.0)
-    ap.add_argument("--steps", type=int)
-    ap.add_argument("--guidance", type=float)
-    ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--width", type=int, help="the source is resized to this width (multiple of 16)")
+    ap.add_argument("--steps", type=int, help=f"default: {EDIT.steps} (a preset's own)")
+    ap.add_argument("--guidance", type=float, help=f"default: {EDIT.guidance:g} (a preset's own)")
+    ap.add_argument("--seed", type=int, default=EDIT.seed)
+    ap.add_argument("--width", type=int, help=f"the source is resized to this width, a multiple of 16 (default: {EDIT.width}; a preset's own)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
-    ap.add_argument("--offload", choices=["none", "model", "blocks"], default="none",
+    ap.add_argument("--offload", choices=OFFLOAD_MODES, default=OFFLOAD_MODES[0],
                     help="model: one big model on the GPU at a time (text encoders, then the DiT); "
                          "blocks: also stream the DiT blocks that do not fit (weights.md: memory)")
     ap.add_argument("--no-merge-lora", action="store_true",
@@ -67,11 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--cuda-graphs", action="store_true", help="replay each denoising step from a CUDA graph")
     ap.add_argument("--attention", choices=ATTENTION_BACKENDS, default="sdpa",
                     help="scaled-dot-product kernel: sdpa lets torch choose; the others force one")
-    ap.add_argument("--candidates", type=int, default=1, help="early-filter scaling: noise candidates (M)")
-    ap.add_argument("--early-steps", type=int, default=10, help="early-filter scaling: preview steps (m)")
-    ap.add_argument("--preview", choices=["short", "x0"], default="short")
+    ap.add_argument("--candidates", type=int, default=EDIT.candidates, help="early-filter scaling: noise candidates (M)")
+    ap.add_argument("--early-steps", type=int, default=EDIT.early_steps, help="early-filter scaling: preview steps (m)")
+    ap.add_argument("--preview", choices=PREVIEWS, default=EDIT.preview)
     ap.add_argument("--judge-url", help="OpenAI-compatible chat-completions base URL, e.g. http://127.0.0.1:8000/v1")
-    ap.add_argument("--judge-model", default="Qwen2.5-VL-72B-Instruct")
+    ap.add_argument("--judge-model", default=JUDGE_MODEL)
     ap.add_argument("--judge-both-orders", action="store_true", help="ask both orders to cancel position bias")
     ap.add_argument("--save-candidates", type=Path, help="folder for every candidate's preview")
     ap.add_argument("--no-progress", action="store_true")
@@ -86,11 +77,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from infer.pipeline import ICEditPipeline  # after argparse: --help stays instant
 
-    preset = PRESETS.get(args.preset, {})
-    weights = args.weights or preset["weights"]
-    lora = args.lora or preset.get("lora")
-    width, steps = args.width or preset.get("width", 512), args.steps or preset.get("steps", 28)
-    guidance = args.guidance if args.guidance is not None else preset.get("guidance", 50.0)
+    preset = PRESETS.get(args.preset)
+    weights = args.weights or preset.weights
+    lora = args.lora or (preset.lora if preset else None)
+    defaults = preset.edit if preset else EDIT
+    width, steps = args.width or defaults.width, args.steps or defaults.steps
+    guidance = args.guidance if args.guidance is not None else defaults.guidance
 
     # Fail before the minutes of loading, not after: the outputs, the image, the width, the judge.
     outs = turn_paths(args.out, len(args.instruction))

@@ -12,7 +12,7 @@ runs between the GEMMs (RMSNorm, RoPE, modulation, gates, GELU) into a few kerne
 CUDA graphs (`GraphedDenoiser`): one denoising step is captured once per shape and replayed, so the
 ~1,500 kernel launches of a step cost one launch. A graph reads and writes fixed addresses, so the
 step is written over static buffers: the latent, the conditioning, every step's adaLN vectors
-(`Flux.precompute`, [S, B, 1, k D]), the sigmas, and a step counter on the device that selects the
+(`sampling.precompute_steps`, [S, B, 1, k D]), the sigmas, and a step counter on the device that selects the
 step's row. Nothing in the step may wait for the host (no `.item()`, no `nonzero`, no bincount:
 flux_kernels/lora_moe.py groups tokens without them). On a CPU the same step runs eagerly over the same
 buffers: that is how the tests check it against `sampling.denoise`.
@@ -24,8 +24,8 @@ from typing import Callable
 
 import torch
 
-from flux_minimal.mmdit import Flux, StepInputs
-from flux_minimal.sampling import Conditioning, DenoiseState
+from flux_minimal.mmdit import Flux
+from flux_minimal.sampling import Conditioning, DenoiseState, StepInputs, precompute_steps
 
 
 def compile_blocks(flux: Flux, **options) -> int:
@@ -69,7 +69,7 @@ class _Captured:
         self.sigmas = torch.tensor(state.timesteps, dtype=torch.float32, device=dev)  # [S + 1]
         self.i = torch.zeros(1, dtype=torch.int64, device=dev)
         g = torch.zeros(state.x.shape[0], device=dev)
-        self.pre = flux.precompute(self.sigmas[:-1], c.vec, g, c.txt_ids, c.img_ids)  # shapes only, for now
+        self.pre = precompute_steps(flux, self.sigmas[:-1], c.vec, g, c.txt_ids, c.img_ids)  # shapes only, for now
         self.graph = None
         self.capture_seconds = 0.0
         if dev.type == "cuda":
@@ -82,7 +82,7 @@ class _Captured:
         t_cur, t_prev = self.sigmas.index_select(0, i), self.sigmas.index_select(0, i + 1)  # [1]
         inp = self.x if self.img_cond is None else torch.cat([self.x, self.img_cond], dim=-1)
         v = self.flux(img=inp.to(self.dtype), img_ids=self.img_ids, txt=self.txt, txt_ids=self.txt_ids,
-                      timesteps=None, y=None, pre=pre).float()
+                      timesteps=None, y=None, pe=pre.pe, adaln=pre.adaln).float()
         self.x0.copy_(self.x - t_cur * v)
         self.x.add_((t_prev - t_cur) * v)
 
@@ -107,7 +107,7 @@ class _Captured:
         # This edit's inputs into the static buffers (the same shapes by construction of the key).
         g = torch.full((state.x.shape[0],), guidance, device=state.x.device)
         sigmas = torch.tensor(state.timesteps, dtype=torch.float32).to(self.sigmas.device, non_blocking=True)
-        fresh: StepInputs = self.flux.precompute(sigmas[:-1], c.vec, g, c.txt_ids, c.img_ids)
+        fresh: StepInputs = precompute_steps(self.flux, sigmas[:-1], c.vec, g, c.txt_ids, c.img_ids)
         for dst, src in zip([self.pre.pe, *self.pre.adaln], [fresh.pe, *fresh.adaln]):
             dst.copy_(src)
         for dst, src in ((self.x, state.x), (self.sigmas, sigmas), (self.txt, c.txt), (self.img_ids, c.img_ids),

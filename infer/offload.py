@@ -16,7 +16,6 @@ weights.md gives the peak of each mode for a 512x1024 diptych.
 import torch
 from torch import nn
 
-OFFLOAD_MODES = ("none", "model", "blocks")
 
 
 class Visitor:

@@ -12,7 +12,6 @@ The path of one edit (each stage timed in `last_report["seconds"]`):
 """
 
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,17 +20,20 @@ from PIL import Image
 from torch import Tensor
 
 from flux_minimal.errors import FluxMinimalError, WeightsError
-from flux_minimal.images import (IC_PROMPT, MIN_SIDE, fit_width, ic_prompt, load_image, make_diptych, right_half,
-                                 right_half_mask, to_pil, to_tensor)
+from flux_minimal.flux_loading import load_flux, require_fill
+from flux_minimal.icedit import IC_PROMPT, ic_prompt, make_diptych, right_half, right_half_mask
+from flux_minimal.images import MIN_SIDE, fit_width, load_image, to_pil, to_tensor
 from flux_minimal.loading import WEIGHTS_HELP
-from flux_minimal.mmdit import Flux, load_flux, require_fill
+from flux_minimal.mmdit import Flux
 from flux_minimal.ops import set_attention_backend
 from flux_minimal.sampling import (Conditioning, DenoiseState, denoise, fill_conditioning, get_noise, get_schedule,
                                    image_ids, pack, unpack, vae_down)
 from flux_minimal.text import PromptEncoder
 from flux_minimal.vae import load_vae
+from flux_minimal.timing import Stopwatch, peak_memory
 from infer.fast import GraphedDenoiser, compile_blocks
-from infer.offload import OFFLOAD_MODES, Visitor, block_budget, offload_dit
+from infer.offload import Visitor, block_budget, offload_dit
+from infer.options import EDIT, OFFLOAD_MODES, default_dtype
 
 
 @dataclass
@@ -50,40 +52,8 @@ class EditJob:
         return (self.height // (2 * self.down)) * (self.width // (2 * self.down))
 
 
-class Stopwatch:
-    """Seconds per named stage (CUDA work is synchronised before reading the clock)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.seconds = device, {}
-
-    @contextmanager
-    def __call__(self, stage: str):
-        self._sync()
-        t0 = time.perf_counter()
-        yield
-        self._sync()
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-
-def peak_memory(device: torch.device) -> dict:
-    """Peak GPU memory allocated by torch (CUDA), or this process's peak resident set (CPU)."""
-    if device.type == "cuda":
-        return {"gpu_peak_gb": torch.cuda.max_memory_allocated(device) / 2**30}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return {"host_peak_gb": int(line.split()[1]) / 2**20}
-    except OSError:
-        pass
-    return {}
-
-
 class ICEditPipeline:
-    def __init__(self, flux: Flux, vae, text: PromptEncoder, device="cpu", offload: str = "none",
+    def __init__(self, flux: Flux, vae, text: PromptEncoder, device="cpu", offload: str = OFFLOAD_MODES[0],
                  files: str = "", compile: bool = False, cuda_graphs: bool = False):
         """compile: regional torch.compile of the DiT's blocks; cuda_graphs: each denoising step
         replayed from a CUDA graph captured once per shape (infer/fast.py; a CPU runs the same
@@ -106,7 +76,7 @@ class ICEditPipeline:
 
     @classmethod
     def from_pretrained(cls, path: "str | Path", device="cpu", dtype: torch.dtype | None = None,
-                        lora: "str | Path | None" = None, lora_scale: float = 1.0, offload: str = "none",
+                        lora: "str | Path | None" = None, lora_scale: float = 1.0, offload: str = OFFLOAD_MODES[0],
                         max_length: int | None = None, merge_lora: bool = True, vae_dtype: torch.dtype | None = None,
                         compile: bool = False, cuda_graphs: bool = False,
                         attention: str | None = None, fp8: bool = False) -> "ICEditPipeline":
@@ -128,7 +98,7 @@ class ICEditPipeline:
             raise WeightsError(f"{root}: no such weights folder. {WEIGHTS_HELP}")
         if offload not in OFFLOAD_MODES:
             raise FluxMinimalError(f"offload must be one of {OFFLOAD_MODES}, not {offload!r}")
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        dtype = dtype or default_dtype(device)
         if attention is not None:
             try:
                 set_attention_backend(attention, device, dtype)
@@ -136,8 +106,8 @@ class ICEditPipeline:
                 raise FluxMinimalError(str(e)) from None
         stay = device if offload == "none" else "cpu"  # offloaded weights stay in host memory
         vae = load_vae(root, device=device, dtype=vae_dtype or dtype)
-        from flux_minimal.lora import load_lora
         from flux_minimal.lora import merge_lora as merge
+        from flux_minimal.lora_files import load_lora
         if fp8:  # a plain LoRA goes into the weights before they are quantized; MoE experts after
             flux = load_flux(root, device=stay, dtype=dtype, fp8=True, lora=lora if merge_lora else None,
                              lora_scale=lora_scale)
@@ -170,7 +140,7 @@ class ICEditPipeline:
             self._dit.arrive()
 
     @torch.no_grad()
-    def prepare(self, image, instruction: str, width: int = 512, watch: Stopwatch | None = None,
+    def prepare(self, image, instruction: str, width: int = EDIT.width, watch: Stopwatch | None = None,
                 min_side: int = MIN_SIDE, template: str = IC_PROMPT) -> EditJob:
         """Fit the source, build the diptych and mask, encode the prompt and the masked diptych.
         `template` is the in-context prompt; "{instruction}" alone gives the paper's ablation
@@ -227,9 +197,9 @@ class ICEditPipeline:
 
     # ---- the API ------------------------------------------------------------------------------------
 
-    def edit(self, image, instruction: str, *, width: int = 512, steps: int = 28, guidance: float = 50.0,
-             seed: int = 42, latents: Tensor | None = None, candidates: int = 1, early_steps: int = 10,
-             preview: str = "short", judge=None, save_candidates: "str | Path | None" = None,
+    def edit(self, image, instruction: str, *, width: int = EDIT.width, steps: int = EDIT.steps,
+             guidance: float = EDIT.guidance, seed: int = EDIT.seed, latents: Tensor | None = None,
+             candidates: int = EDIT.candidates, early_steps: int = EDIT.early_steps, preview: str = EDIT.preview, judge=None, save_candidates: "str | Path | None" = None,
              progress: bool = True, min_side: int = MIN_SIDE, template: str = IC_PROMPT) -> Image.Image:
         """Edit `image` (a path or a PIL image) as `instruction` says; returns the edited PIL image.
 

@@ -21,8 +21,9 @@ from flux_minimal.errors import FluxMinimalError
 from flux_minimal.images import save_png
 from flux_minimal.sampling import DenoiseState
 from infer.judge import tournament
+from infer.options import PREVIEWS
 
-PREVIEW_MODES = ("short", "x0")
+
 
 
 def early_filter(pipe, job, *, seed: int, steps: int, guidance: float, candidates: int, early_steps: int,
@@ -30,8 +31,8 @@ def early_filter(pipe, job, *, seed: int, steps: int, guidance: float, candidate
                  progress: bool = True) -> tuple[DenoiseState, dict]:
     """Run the early filter for a prepared `job` on `pipe` (an ICEditPipeline). Returns the
     winner's final state and a report: NFE, the winner, the tournament log, the stage times."""
-    if preview not in PREVIEW_MODES:
-        raise FluxMinimalError(f"preview must be one of {PREVIEW_MODES}, not {preview!r}")
+    if preview not in PREVIEWS:
+        raise FluxMinimalError(f"preview must be one of {PREVIEWS}, not {preview!r}")
     if judge is None:
         raise FluxMinimalError("early-filter scaling (candidates > 1) needs a judge: e.g. "
                                "infer.judge.VLMJudge(url, model), or --judge-url on the command line")

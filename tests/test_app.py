@@ -13,13 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
+from dataclasses import replace
 from PIL import Image
 
 from flux_minimal.errors import FluxMinimalError
 
 gr = pytest.importorskip("gradio", reason='the web app needs gradio: pip install ".[app]"')
 from infer.app import Editor, mini_examples  # noqa: E402
-from infer.edit import PRESETS  # noqa: E402
+from infer.options import PRESETS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SCENE = REPO / "examples" / "mini" / "scene_01.png"
@@ -35,7 +36,7 @@ def _reference_moe(monkeypatch):
 @pytest.fixture(scope="module")
 def editor():
     m = PRESETS["mini"]
-    return Editor(m["weights"], m["lora"], width=m["width"], steps=4, guidance=m["guidance"])
+    return Editor(m.weights, m.lora, defaults=replace(m.edit, steps=4))
 
 
 def test_edit_function_and_its_errors(editor, tmp_path):

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
 from flux_minimal.errors import FluxMinimalError
-from flux_minimal.images import fit_width, load_image, save_png, to_rgb
+from flux_minimal.images import fit_width, load_image, save_png
 from infer.edit import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -243,10 +243,10 @@ def test_our_packages_win_over_packages_of_the_same_name(tmp_path):
 
 
 @pytest.mark.parametrize("command", [
-    ["train.mini", "--out", "{fifo}"],
+    ["mini_world.recipe", "--out", "{fifo}"],
     ["train.train", "--weights", "nowhere", "--data", "nowhere", "--steps", "1", "--out", "{fifo}"],
-    ["train.shapes.ablation", "--weights", "nowhere", "--grid", "/dev/null"],
-    ["train.shapes.curve", "--work", "nowhere", "--png", "{tmp}"],
+    ["mini_world.ablation", "--weights", "nowhere", "--grid", "/dev/null"],
+    ["mini_world.curve", "--work", "nowhere", "--png", "{tmp}"],
 ])
 def test_every_writer_refuses_bad_outputs_first(command, tmp_path):
     """The recipe, fine-tuning, the ablation table and the learning curve check their outputs the

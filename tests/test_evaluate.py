@@ -1,4 +1,4 @@
-"""infer.evaluate end to end with the tiny model: synthetic MagicBrush (parquet and the released
+"""flux_eval.evaluate end to end with the tiny model: synthetic MagicBrush (parquet and the released
 folder layout) and Emu Edit sets give complete tables; Emu's filtering says what it dropped; a killed
 run resumed gives the same table; --edits scores saved images the same way."""
 
@@ -17,8 +17,8 @@ import torch
 import transformers
 from PIL import Image
 
-from infer.benchmarks import emu_keep, read_magicbrush
-from infer.evaluate import main
+from flux_eval.datasets import emu_keep, read_magicbrush
+from flux_eval.evaluate import main
 
 REPO = Path(__file__).resolve().parents[1]
 pa = pytest.importorskip("pyarrow")
@@ -161,7 +161,7 @@ def test_emu_end_to_end_drops_and_counts(snapshot, metric_models, tmp_path, caps
 @pytest.mark.slow
 def test_killed_and_resumed_gives_the_same_table(snapshot, metric_models, tmp_path):
     data = magicbrush_parquet(tmp_path / "mb.parquet")
-    cmd = [sys.executable, "-m", "infer.evaluate", "--bench", "magicbrush", "--data", str(data), "--weights",
+    cmd = [sys.executable, "-m", "flux_eval.evaluate", "--bench", "magicbrush", "--data", str(data), "--weights",
            str(snapshot), "--clip", str(metric_models / "clip"), "--dino", str(metric_models / "dino"), "--width",
            "64", "--steps", "40", "--device", "cpu", "--no-progress"]
     killed = tmp_path / "killed"
@@ -182,7 +182,7 @@ def test_killed_and_resumed_gives_the_same_table(snapshot, metric_models, tmp_pa
 
 def test_vie_score_answers_are_parsed_as_viescore_does():
     from infer.judge import JudgeError
-    from infer.viescore import parse_scores
+    from flux_eval.viescore import parse_scores
     assert parse_scores('Sure.\n{\n"score" : [7, 4],\n"reasoning" : "the hat is there"\n}\nDone') == [7.0, 4.0]
     assert parse_scores('{"score": 8, "reasoning": "x"}') == [8.0]
     assert parse_scores("score = [3, 9]") == [3.0, 9.0]
@@ -193,7 +193,7 @@ def test_vie_score_answers_are_parsed_as_viescore_does():
 
 def test_vie_score_asks_sc_with_both_images_and_pq_with_the_edit(stub):
     from tests.helpers import chat
-    from infer.viescore import VIEScore
+    from flux_eval.viescore import VIEScore
     stub.reply = lambda body, n: (200, chat('{"score": [%d, 9], "reasoning": "ok"}' % (6 if n == 0 else 4)), 0.0)
     got = VIEScore(stub.url, "qwen-test", timeout=2.0, retries=0).score(img(1, 16), img(2, 16), "add a {hat}")
     assert got == {"sc": 6.0, "pq": 4.0, "overall": pytest.approx(np.sqrt(24.0))}

@@ -1,4 +1,4 @@
-"""The fast paths (infer/fast.py, Flux.precompute, merged LoRA, attention backends, infer/bench.py)
+"""The fast paths (infer/fast.py, sampling.precompute_steps, merged LoRA, attention backends, flux_bench/edit.py)
 against the plain path they replace.
 
 Tolerances: fp32 throughout. The precomputed adaLN vectors come from one GEMM over all steps
@@ -21,7 +21,8 @@ from torch._dynamo.utils import counters
 from flux_minimal import PRESETS, Flux
 from flux_minimal.lora import add_lora, lora_layers
 from flux_minimal.ops import attention_backend, set_attention_backend
-from flux_minimal.sampling import Conditioning, DenoiseState, denoise, get_noise, get_schedule, image_ids, pack
+from flux_minimal.sampling import (Conditioning, DenoiseState, denoise, get_noise, get_schedule, image_ids, pack,
+                                   precompute_steps)
 from infer.fast import GraphedDenoiser, compile_blocks
 from flux_kernels.lora_moe import _group_by_expert
 from tests.helpers import randomize_, rel_err
@@ -52,7 +53,7 @@ def test_precomputed_modulation_is_the_per_step_one():
     c = cond.expand(2)
     sigmas = torch.tensor(start().timesteps[:-1], dtype=torch.float32)
     g = torch.full((2,), 50.0)
-    pre = flux.precompute(sigmas, c.vec, g, c.txt_ids, c.img_ids)
+    pre = precompute_steps(flux, sigmas, c.vec, g, c.txt_ids, c.img_ids)
     with torch.no_grad():
         for s, t in enumerate(sigmas):
             per_step = flux.adaln(flux.embed_vec(t.expand(2), c.vec, g))
@@ -158,7 +159,7 @@ def test_attention_backends_agree_and_refuse_plainly():
 
 def _bench(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    return subprocess.run([sys.executable, "-m", "infer.bench", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "flux_bench.edit", *args], cwd=REPO, capture_output=True, text=True,
                           env=env, timeout=900)
 
 
@@ -206,7 +207,7 @@ def test_profile_tables_and_trace(tmp_path, capsys, monkeypatch):
     attention kernel that ran, times the MoE layers against their base GEMM, and writes a trace."""
     import json
 
-    from infer.profile import main
+    from flux_bench.profile import main
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     trace = tmp_path / "trace.json"
     assert main(["--preset", "tiny", "--lora", "random-moe", "--attention", "math", "--trace", str(trace)]) == 0
@@ -223,10 +224,10 @@ def test_profile_tables_and_trace(tmp_path, capsys, monkeypatch):
 
 
 def test_vae_bf16_error_is_measured(capsys):
-    """`infer.bench --vae-error`: the shipped mini VAE in bf16 against float32 on the example scenes."""
+    """`flux_bench.edit --vae-error`: the shipped mini VAE in bf16 against float32 on the example scenes."""
     import re
 
-    from infer.bench import main
+    from flux_bench.edit import main
     assert main(["--vae-error", str(REPO / "assets" / "mini"), "--images",
                  *map(str, sorted((REPO / "examples" / "mini").glob("*.png")))]) == 0
     out = capsys.readouterr().out

@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from flux_minimal import WeightsError, load_flux
 from flux_minimal.fp8 import FP8, FP8Linear, dequantize, linear_bytes, quantize, quantize_linears
-from flux_minimal.lora import load_lora, lora_layers, merge_lora
+from flux_minimal.lora import lora_layers, merge_lora
+from flux_minimal.lora_files import load_lora
 from tests.helpers import rel_err
 from tests.test_fast import REPO
 
@@ -136,7 +137,7 @@ def test_moe_experts_beside_an_fp8_base(monkeypatch, interpret):
 def test_mini_pipeline_fp8_edit_against_bf16(monkeypatch):
     """The four README scenes with the LoRA-MoE: the FP8 edits within 30 dB of the bf16 edits (the
     issue's bar), taken over the four (PSNR of the mean squared error); T5 in FP8 too."""
-    from infer.bench_fp8 import mini_edits
+    from flux_bench.fp8 import mini_edits
     from infer.pipeline import ICEditPipeline
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the MoE's CPU path (the interpreter: minutes per edit)
     edits = mini_edits(0)
@@ -149,7 +150,7 @@ def test_mini_pipeline_fp8_edit_against_bf16(monkeypatch):
         outs.append([np.asarray(pipe.edit(img, ins, width=64, progress=False), dtype=np.float64) / 255
                      for _, img, ins in edits])
     mse = np.mean([((a - b) ** 2).mean() for a, b in zip(*outs)])
-    assert 10 * np.log10(1 / mse) >= 30  # measured 34.0 dB (infer.bench_fp8)
+    assert 10 * np.log10(1 / mse) >= 30  # measured 34.0 dB (flux_bench.fp8)
 
 
 def test_t5_in_fp8_against_bf16():

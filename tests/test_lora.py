@@ -14,8 +14,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from flux_minimal import PRESETS, WeightsError, load_flux
-from flux_minimal.lora import (MOE_TARGETS, OFFICIAL_TARGETS, add_lora, diffusers_name, diffusers_target, expand_targets,
-                               load_lora, lora_layers, lora_state_dict, merge_lora, official_state_dict, unmerge_lora)
+from flux_minimal.flux_keys import diffusers_name, diffusers_target
+from flux_minimal.lora import (MOE_TARGETS, OFFICIAL_TARGETS, add_lora, expand_targets, lora_layers, merge_lora,
+                               unmerge_lora)
+from flux_minimal.lora_files import load_lora, lora_state_dict, official_state_dict
 from tests.helpers import randomize_, rel_err
 from tests.test_mmdit import diffusers_flux, inputs, run_diffusers, run_ours
 

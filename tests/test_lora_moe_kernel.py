@@ -212,7 +212,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _bench(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, "-m", "flux_kernels.bench_lora_moe", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "flux_bench.lora_moe", *args], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from flux_minimal.errors import WeightsError
 from flux_minimal.vit import load_clip_model, load_vit
-from infer.metrics import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, EditMetrics
+from flux_eval.metrics import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, EditMetrics
 from tests.helpers import rel_err
 from tests.text_fixtures import train_clip_merges, write_clip_tokenizer
 

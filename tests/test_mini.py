@@ -17,9 +17,9 @@ from PIL import Image
 from flux_minimal.sampling import image_ids
 
 from infer.pipeline import ICEditPipeline
-from train.shapes import world
-from train.shapes.recipe import EXAMPLES, STAGES, main as mini_main
-from train.shapes.check import check_edit
+from mini_world import world
+from mini_world.recipe import EXAMPLES, STAGES, main as mini_main
+from mini_world.check import check_edit
 
 REPO = Path(__file__).resolve().parents[1]
 MINI = REPO / "assets" / "mini"
@@ -81,7 +81,7 @@ def test_recipe_runs_end_to_end(tmp_path):
 
 
 def _recipe(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "train.mini", "--out", str(out), "--scale", "0.005", "--no-compile",
+    return [sys.executable, "-m", "mini_world.recipe", "--out", str(out), "--scale", "0.005", "--no-compile",
             "--save-every", "0", "--stages", "tokenizers,t5,vae,base", "--examples", str(out.parent / "ex"), *extra]
 
 
@@ -152,7 +152,7 @@ class _LosslessVAE:
 def test_vae_ceiling_scores_the_targets():
     """The ceiling row scores decode(encode(target)): lossless, every edit passes (the checker passes
     ground truth, tests/test_world.py); with the source instead of the target, none would."""
-    from train.shapes.ablation import vae_ceiling
+    from mini_world.ablation import vae_ceiling
     examples = world.make_split(2 * len(world.EDIT_TYPES), 0, 64, split="heldout")
     outs, scores, nfe = vae_ceiling(_LosslessVAE(), examples)
     assert all(s.success for s in scores), [s for s in scores if not s.success]
@@ -162,7 +162,7 @@ def test_vae_ceiling_scores_the_targets():
 
 def test_eval_command_writes_the_table(tmp_path):
     """The README's evaluation command, at one edit per type: every row of the table, in order."""
-    from train.shapes.ablation import main as eval_main
+    from mini_world.ablation import main as eval_main
     md = tmp_path / "table.md"
     assert eval_main(["--weights", str(MINI), "--per-type", "1", "--steps", "4", "--scaling", "2x2", "--best-of", "2",
                       "--md", str(md), "--grid", str(tmp_path / "grid.png")]) == 0
@@ -183,7 +183,7 @@ class _FakePipe:
 
 
 def test_copy_probe_separates_a_copy_from_a_blank():
-    from train.shapes.probe import copy_fidelity
+    from mini_world.probe import copy_fidelity
     kept, mae = copy_fidelity(_FakePipe(lambda src, prompt: src), n=6, steps=1)
     assert kept == 1.0 and mae == 0.0
     blank = world.render(world.Scene(world.Background("gray"), ()), 64)
@@ -195,7 +195,7 @@ def test_caption_probe_separates_reading_from_ignoring():
     """A pipeline that draws exactly the captioned right scene scores 100%; one that copies the left
     scene (ignores the caption) scores near the unrelated-scene baseline."""
     import numpy as np
-    from train.shapes.probe import caption_reading
+    from mini_world.probe import caption_reading
     rng = np.random.default_rng(778)  # the probe's scene stream: (left, right, unrelated) per sample
     right = {}
     for _ in range(8):
@@ -209,7 +209,7 @@ def test_caption_probe_separates_reading_from_ignoring():
 
 
 def test_quick_adapter_experiment(capsys, monkeypatch):
-    """train.shapes.quick: shape-only references name the object without its colour; the changed-token
+    """mini_world.quick: shape-only references name the object without its colour; the changed-token
     mask marks right-half tokens only, and the ones over the object; a 2-step run prints its probe
     and the success figures."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -217,7 +217,7 @@ def test_quick_adapter_experiment(capsys, monkeypatch):
 
     from flux_minimal.text import PromptEncoder
     from flux_minimal.vae import load_vae
-    from train.shapes import quick
+    from mini_world import quick
     ex = quick.make_example(np.random.default_rng(0), "color", objects=1, shape_ref=True)
     o = ex.record.source.objects[0]
     assert o.shape in ex.instruction and o.color not in ex.instruction and ex.record.params["color"] in ex.instruction

@@ -11,8 +11,8 @@ from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpo
 from safetensors.torch import save_file
 
 from flux_minimal import PRESETS, Flux, FluxParams, load_flux
+from flux_minimal.flux_keys import FLUX_FROM_DIFFUSERS
 from flux_minimal.loading import split_by_rules
-from flux_minimal.mmdit import FLUX_FROM_DIFFUSERS
 from tests.helpers import randomize_, rel_err
 
 

@@ -8,8 +8,8 @@ from diffusers import FluxFillPipeline
 from PIL import Image
 
 from flux_minimal.errors import FluxMinimalError
-from flux_minimal.images import IC_PROMPT, make_diptych, right_half
-from flux_minimal.sampling import pack, unpack
+from flux_minimal.icedit import IC_PROMPT, make_diptych, right_half
+from flux_minimal.sampling import pack
 from infer.pipeline import ICEditPipeline
 from tests.helpers import rel_err
 

@@ -1,4 +1,4 @@
-"""T5's span corruption (train/shapes/span.py), which pretrains the mini T5: the holes and the
+"""T5's span corruption (mini_world/span.py), which pretrains the mini T5: the holes and the
 target fit back together into the text, sentinels count down from <extra_id_0> as in T5, and about
 15% of the tokens are dropped in spans of mean length ~3 (Raffel et al. 2020, section 3.1.4)."""
 
@@ -7,7 +7,7 @@ import torch
 
 from flux_minimal.config import T5Config
 from flux_minimal.t5 import T5EncoderModel
-from train.shapes.span import IGNORE, SpanCorruption, corrupt
+from mini_world.span import IGNORE, SpanCorruption, corrupt
 
 SENTINEL0, EOS = 355, 1
 

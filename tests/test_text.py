@@ -16,7 +16,7 @@ import torch
 from diffusers import FluxFillPipeline
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from flux_minimal.images import IC_PROMPT
+from flux_minimal.icedit import IC_PROMPT
 from flux_minimal import PRESETS, FluxMinimalError, PromptEncoder, WeightsError
 from tests.helpers import randomize_, rel_err
 from tests.text_fixtures import hf_t5_config, write_tiny_text_components

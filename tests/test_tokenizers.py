@@ -14,7 +14,7 @@ import sentencepiece as spm
 import torch
 from transformers import CLIPTokenizer as HFCLIPTokenizer
 
-from flux_minimal.images import IC_PROMPT
+from flux_minimal.icedit import IC_PROMPT
 from flux_minimal import CLIPTokenizer, T5Tokenizer, WeightsError
 from flux_minimal.tokenizers import bytes_to_unicode
 from tests.text_fixtures import (CLIP_VOCAB_HELP, hf_t5_tokenizer, real_clip_vocab, train_clip_merges,

@@ -157,7 +157,7 @@ def test_export_loads_in_diffusers(snapshot, tmp_path):
     from diffusers import FluxTransformer2DModel
 
     from flux_minimal import load_flux
-    from flux_minimal.lora import load_lora
+    from flux_minimal.lora_files import load_lora
     from tests.test_mmdit import inputs, run_diffusers, run_ours
     data = write_pairs(tmp_path / "data")
     out = tmp_path / "run"
@@ -274,7 +274,7 @@ def test_host_memory_does_not_grow_with_the_parquet_file(snapshot, tmp_path):
     """Two training steps on a ~100 MB parquet file peak at most 60 MB above the same run on a
     one-group file (reading the whole file, as before, costs twice its size)."""
     pytest.importorskip("pyarrow")
-    from train.bench_data import make_parquet  # noise PNGs, which do not compress: a big file fast
+    from flux_bench.data import make_parquet  # noise PNGs, which do not compress: a big file fast
     small, big = tmp_path / "small.parquet", tmp_path / "big.parquet"
     make_parquet(small, rows=4, side=512, group=4)
     make_parquet(big, rows=64, side=512, group=4)

@@ -1,4 +1,4 @@
-"""The shapes world (train/shapes/world.py) and its edit checker (train/shapes/check.py).
+"""The shapes world (mini_world/world.py) and its edit checker (mini_world/check.py).
 
 The checker is the oracle judge of the miniature ICEdit, so it is held to both sides: the ground
 truth target passes with a near-perfect score and every unchanged source fails, for every edit type,
@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from flux_minimal.images import IC_PROMPT
-from train.shapes.world import (EDIT_TYPES, SHAPES, Obj, Scene, _fits, caption, make_edit, make_edit_record, make_split,
+from flux_minimal.icedit import IC_PROMPT
+from mini_world.world import (EDIT_TYPES, SHAPES, Obj, Scene, _fits, caption, make_edit, make_edit_record, make_split,
                          object_masks, random_scene, read_pairs_folder, render, shape_coverage, unit_area, vocabulary,
                          world_text_corpus, write_pairs_folder)
-from train.shapes.check import check_edit
+from mini_world.check import check_edit
 
 SEEDS = {64: 24, 128: 8}  # random edits per type and size: ~1,700 checks in all, ~20 s
 

@@ -31,7 +31,7 @@ from transformers import CLIPTokenizer as HFCLIPTokenizer
 from transformers import T5Tokenizer as HFT5Tokenizer
 
 from flux_minimal import PRESETS
-from flux_minimal.images import IC_PROMPT
+from flux_minimal.icedit import IC_PROMPT
 from flux_minimal.tokenizers import clip_vocab, learn_clip_merges
 from tests.helpers import randomize_
 

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from flux_minimal import PRESETS, AutoEncoderParams
 from flux_minimal.vae import AutoEncoder
-from infer.bench import diffusers_vae_config  # noqa: F401 (the tests use it from here too)
+from flux_bench.common import diffusers_vae_config  # noqa: F401 (the tests use it from here too)
 from tests.helpers import randomize_
 
 

@@ -1,1 +1,1 @@
-"""Fine-tuning: data, the training script, and the miniature shapes world."""
+"""Fine-tuning ICEdit's adapters: the training script, data (folders, lazy parquet), checkpoints."""

@@ -1,6 +1,6 @@
 """Training checkpoints: atomic, resumable, and free of pickle.
 
-    out/step_0001000/adapter.safetensors     the adapter, our format (flux_minimal.lora), or the weights of
+    out/step_0001000/adapter.safetensors     the adapter, our format (flux_minimal.lora_files), or the weights of
                                              whatever is trained (`name`: model.safetensors for the mini stages)
                      optimizer.safetensors   every tensor of the optimizer state
                      state.json              step, samples seen, the optimizer's scalars, the args

@@ -31,7 +31,8 @@ import torch
 from PIL import Image
 
 from flux_minimal.errors import FluxMinimalError
-from flux_minimal.images import IC_PROMPT, load_image, make_diptych, to_tensor
+from flux_minimal.icedit import IC_PROMPT, make_diptych
+from flux_minimal.images import load_image, to_tensor
 
 DROP_PROMPT_P = 0.1
 WINDOW = 4  # row groups per shuffle window, and cached per process

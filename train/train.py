@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -35,13 +34,16 @@ import torch.distributed as dist
 from torch import Tensor
 
 from flux_minimal.errors import FluxMinimalError, run_cli
-from flux_minimal.images import make_diptych, right_half_mask, save_png, to_pil
-from flux_minimal.lora import add_lora, load_lora, lora_parameters, lora_state_dict, official_from_ours
-from flux_minimal.mmdit import load_flux, require_fill
+from flux_minimal.flux_loading import load_flux, require_fill
+from flux_minimal.icedit import make_diptych, right_half_mask
+from flux_minimal.images import save_png, to_pil
+from flux_minimal.lora import add_lora, lora_parameters
+from flux_minimal.lora_files import load_lora, lora_state_dict, official_from_ours
 from flux_minimal.sampling import Conditioning, fill_conditioning, flow_matching_mse, image_ids, pack, vae_down
 from flux_minimal.text import PromptEncoder
 from flux_minimal.vae import load_vae
 from flux_minimal.files import check_folder, save_safetensors
+from infer.options import DTYPES, EDIT, default_dtype
 from train.checkpoint import load_checkpoint, optimizer_state, restore_optimizer, save_checkpoint
 from train.data import EditPairs, loader
 
@@ -80,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--save-every", type=int, default=1000)
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--preview-every", type=int, default=0, help="save a preview edit every N steps (0: never)")
-    ap.add_argument("--preview-steps", type=int, default=28)
+    ap.add_argument("--preview-steps", type=int, default=EDIT.steps)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-length", type=int, default=None,
                     help="T5 tokens (default: the tokenizer_config.json of tokenizer_2, else 512)")
@@ -194,7 +196,7 @@ def preview(flux, vae, text, data: EditPairs, R: int, steps: int, path: Path, de
     flux.eval()
     pipe = ICEditPipeline(flux, vae, text, device=device)
     instruction = data.instruction(0)
-    edit = pipe.edit(src, instruction, width=R, steps=steps, guidance=50.0, seed=0, progress=False)
+    edit = pipe.edit(src, instruction, width=R, steps=steps, seed=0, progress=False)
     flux.train(was_training)
     if save:
         save_png(make_diptych(make_diptych(src, edit), make_diptych(tgt, tgt)).crop((0, 0, 3 * R, R)), path,
@@ -223,7 +225,7 @@ def start_processes(args) -> Procs:
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
     torch.manual_seed(args.seed)
     return Procs(size, rank, device, dtype)
 

@@ -70,7 +70,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from train.shapes.world import (BG_COLORS, COLORS, DIRECTIONS, SHAPES, SIZES, STYLES, Background, EditRecord, Obj, background_tones,
+from mini_world.world import (BG_COLORS, COLORS, DIRECTIONS, SHAPES, SIZES, STYLES, Background, EditRecord, Obj, background_tones,
                          object_masks, render, render_background, shape_coverage, unit_area)
 
 GONE_FRAC_MAX = 0.15  # a removed colour may linger on edge pixels after blur/JPEG, not on the interior

@@ -1,11 +1,11 @@
 """Where the time of one edit goes, by kind of work and kernel by kernel.
 
     # the tiny random model on a CPU (seconds)
-    .venv/bin/python -m infer.profile --preset tiny
+    .venv/bin/python -m flux_bench.profile --preset tiny
     # real widths, one block of each kind, on a CPU (a few minutes)
-    .venv/bin/python -m infer.profile --preset real --device cpu --depth 1 --single-depth 1 --steps 2 --lora random-moe
+    .venv/bin/python -m flux_bench.profile --preset real --device cpu --depth 1 --single-depth 1 --steps 2 --lora random-moe
     # the real shape on a GPU: 512x1024 diptych, 28 steps, bf16, the MoE LoRA
-    .venv/bin/python -m infer.profile --preset real --device cuda --lora random-moe --trace flux_trace.json
+    .venv/bin/python -m flux_bench.profile --preset real --device cuda --lora random-moe --trace flux_trace.json
 
 One edit (text encoders, VAE encode, the denoising steps, VAE decode) of random weights at the
 chosen shape runs once to warm up, then once under torch.profiler. It writes a Chrome trace (open
@@ -23,12 +23,11 @@ it in https://ui.perfetto.dev or chrome://tracing) and prints:
 2. The kernels that took the most time, with the kernel torch chose for attention among them.
 3. Each LoRA-MoE layer shape of this model against its base GEMM alone (F.linear).
 
-Nothing here needs diffusers: the models are our own, with random weights (infer/bench.py).
+Nothing here needs diffusers: the models are our own, with random weights (flux_bench/edit.py).
 """
 
 import argparse
 import tempfile
-import time
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -39,9 +38,12 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import flux_minimal.ops as ops
-from flux_minimal.lora import LoRALinear, load_lora, merge_lora
+from flux_minimal.lora import LoRALinear, merge_lora
+from flux_minimal.lora_files import load_lora
+from flux_minimal.moe import LoRAMoELinear
+from flux_minimal.timing import timed
 from flux_minimal.mmdit import MLPEmbedder, Modulation, RMSNorm
-from infer.bench import bench_preset, lora_path, make_inputs, our_models, run_ours, shape_args, shape_defaults
+from flux_bench.common import bench_preset, lora_path, make_inputs, our_models, run_ours, shape_args, shape_defaults
 from infer.fast import compile_blocks
 
 KINDS = ("attention", "linears", "modulation", "norms, RoPE", "LoRA-MoE", "VAE", "text encoders")
@@ -83,7 +85,7 @@ class Kinds:
 def linear_flops(m: nn.Linear, args, out) -> float:
     rows = args[0].numel() // args[0].shape[-1]
     flops = 2.0 * rows * m.in_features * m.out_features
-    if isinstance(m, LoRALinear) and m.is_moe:  # one expert per token, and the router
+    if isinstance(m, LoRAMoELinear):  # one expert per token, and the router
         E, r, _ = m.lora_A["experts"].shape
         flops += 2.0 * rows * (r * (m.in_features + m.out_features) + E * m.in_features)
     elif isinstance(m, LoRALinear) and not m.merged:
@@ -106,7 +108,7 @@ def watch_models(kinds: Kinds, flux: nn.Module, vae: nn.Module, text: list[nn.Mo
             kinds.watch(m, "modulation", modulation_flops)
         elif any(name.startswith(n + ".") for n in modulation):
             continue  # inside an adaLN or embedder module: counted there
-        elif isinstance(m, LoRALinear) and m.is_moe:
+        elif isinstance(m, LoRAMoELinear):
             kinds.watch(m, "LoRA-MoE", linear_flops)
         elif isinstance(m, nn.Linear):
             kinds.watch(m, "linears", linear_flops)
@@ -213,7 +215,7 @@ def moe_vs_base(flux: nn.Module, tokens: dict[int, int], dev, repeat: int) -> li
     rows = ["| layer shape (T x K -> N) | base GEMM ms | LoRA-MoE ms | ratio |", "| --- | ---: | ---: | ---: |"]
     seen = set()
     for name, m in flux.named_modules():
-        if not (isinstance(m, LoRALinear) and m.is_moe):
+        if not isinstance(m, LoRAMoELinear):
             continue
         T = tokens[m.in_features]
         if (T, m.in_features) in seen:
@@ -222,16 +224,9 @@ def moe_vs_base(flux: nn.Module, tokens: dict[int, int], dev, repeat: int) -> li
         x = torch.randn(T, m.in_features, device=dev, dtype=m.weight.dtype)
         A, B, R = (t.to(x.dtype) for t in (m.lora_A["experts"], m.lora_B["experts"], m.lora_route))
 
-        def clock(fn):
+        def clock(fn):  # milliseconds per call, after one untimed call
             fn()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(repeat):
-                fn()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            return (time.perf_counter() - t0) / repeat * 1e3
+            return timed(fn, dev, repeat)[1] * 1e3
         with torch.no_grad():
             base = clock(lambda: F.linear(x, m.weight, m.bias))
             moe = clock(lambda: lora_moe_linear(x, m.weight, m.bias, A, B, R))
@@ -240,7 +235,7 @@ def moe_vs_base(flux: nn.Module, tokens: dict[int, int], dev, repeat: int) -> li
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m infer.profile", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m flux_bench.profile", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     shape_args(ap)
     ap.add_argument("--steps", type=int, default=None, help="default: 28 on a GPU, 2 on a CPU")

@@ -5,7 +5,7 @@
                 optional global_descriptions.json beside it gives CLIP-T captions
     emu         the Emu Edit test set's parquet (image, instruction, input_caption, output_caption, ...),
                 with the filtering of `emu_keep`; it has no target images
-    mini        held-out edits of the shapes world (train/shapes), judged by its checker
+    mini        held-out edits of the shapes world (mini_world), judged by its checker
 
 Each reader returns (sessions, dropped): `dropped` counts what was left out and why.
 """
@@ -173,7 +173,7 @@ def read_emu(path: str | Path) -> tuple[list[Session], Counter]:
 # ---- the shapes world ---------------------------------------------------------------------------
 
 def read_mini(per_type: int, seed: int = 0) -> tuple[list[Session], Counter]:
-    from train.shapes import world
+    from mini_world import world
     examples = world.make_split(per_type * len(world.EDIT_TYPES), seed, 64, split="heldout")
     return [Session(f"{i:05d}_{ex.record.edit_type}", [Turn(ex.instruction, ex.source, ex.target, record=ex.record)],
                     {"type": ex.record.edit_type}) for i, ex in enumerate(examples)], Counter()

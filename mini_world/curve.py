@@ -1,7 +1,7 @@
 """The miniature world's learning curve: what each hour of training bought, from the recipe's own
 checkpoints.
 
-    .venv/bin/python -m train.shapes.curve --weights assets/mini --work assets/mini_work \
+    .venv/bin/python -m mini_world.curve --weights assets/mini --work assets/mini_work \
         --png assets/mini_curve.png                                # ~15 min on 2 cores
 
 x: hours of training on the recipe's machine (progress.json and the checkpoints' clocks), the stages
@@ -24,13 +24,15 @@ from safetensors.torch import load_file
 from flux_minimal.errors import run_cli
 from flux_minimal.files import check_output
 from flux_minimal.images import save_png
-from flux_minimal.lora import load_lora
+from flux_minimal.lora_files import load_lora
 from infer.pipeline import ICEditPipeline
-from train.shapes import world
-from train.shapes.ablation import run_row, summarize
-from train.shapes.probe import caption_reading, copy_fidelity
+from mini_world import world
+from mini_world.ablation import run_row, summarize
+from mini_world.probe import caption_reading, copy_fidelity
 
-COLORS = {"copy": (40, 110, 200), "caption": (230, 140, 20), "LoRA-MoE": (200, 30, 30)}
+COLORS = {"copy": (40, 110, 200), "caption": (230, 140, 20), "LoRA-MoE": (200, 30, 30), "LoRA": (120, 60, 160),
+          "remove": (40, 110, 200), "add": (30, 160, 60), "color": (230, 140, 20), "background": (120, 90, 60),
+          "README, 8 seeds": (20, 20, 20), "mean": (200, 30, 30)}
 
 
 def base_points(pipe, work: Path, offset_h: float, n: int, steps: int) -> list[tuple[float, float, float]]:
@@ -63,7 +65,8 @@ def adapter_points(weights: Path, work: Path, offset_h: float, per_type: int, st
     return points
 
 
-def plot(series: dict[str, list[tuple[float, float]]], marks: dict[str, float], path: Path) -> None:
+def plot(series: dict[str, list[tuple[float, float]]], marks: dict[str, float], path: Path,
+         xlabel: str = "hours of training, 2 CPU cores") -> None:
     """A line chart with PIL (no plotting dependency): y in percent, x in hours, stage boundaries dashed."""
     W, H, left, right, top, bottom = 720, 400, 56, 150, 20, 44
     img = Image.new("RGB", (W, H), "white")
@@ -77,7 +80,7 @@ def plot(series: dict[str, list[tuple[float, float]]], marks: dict[str, float], 
     step = next(s for s in (0.1, 0.25, 0.5, 1.0, 2.0) if x_max / s <= 12)
     for h in np.arange(0, x_max, step):
         d.text((X(h) - 8, H - bottom + 6), f"{h:g}", fill="black")
-    d.text(((W - right) // 2 - 40, H - 18), "hours of training, 2 CPU cores", fill="black")
+    d.text(((W - right) // 2 - 40, H - 18), xlabel, fill="black")
     for name, x in marks.items():
         for y in range(top, H - bottom, 8):
             d.line([(X(x), y), (X(x), y + 4)], fill=(150, 150, 150))

@@ -1,8 +1,8 @@
 """How fast training data is read and prepared, and the host memory it takes, for 0, 2 and 4 workers.
 
-    .venv/bin/python -m train.bench_data --make /tmp/big.parquet --rows 2000 --side 512   # a synthetic
+    .venv/bin/python -m flux_bench.data --make /tmp/big.parquet --rows 2000 --side 512   # a synthetic
                                                         # MagicBrush-schema file (~3 GB of noise PNGs)
-    .venv/bin/python -m train.bench_data --data /tmp/big.parquet --resolution 512 --samples 256
+    .venv/bin/python -m flux_bench.data --data /tmp/big.parquet --resolution 512 --samples 256
 
 For each worker count, the loader of train/train.py (train/data.py) delivers `--samples` samples in
 micro-batches of `--batch`, decoded, cropped, resized and made into diptychs: printed are samples
@@ -113,7 +113,7 @@ def bench(data: EditPairs, workers: int, samples: int, batch: int) -> tuple[floa
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.bench_data", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m flux_bench.data", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, nargs="+", help="what train.train's --data takes")
     ap.add_argument("--make", type=Path, help="write a synthetic MagicBrush-schema parquet file here and stop")

@@ -1,9 +1,9 @@
 """Benchmark the top-1 LoRA-MoE linear at the FLUX shapes, on a CUDA GPU.
 
-    .venv/bin/python -m flux_kernels.bench_lora_moe                       # T in {2560, 15360}, K in {12288, 15360}
-    .venv/bin/python -m flux_kernels.bench_lora_moe --tokens 2560 --k 12288 --no-backward
-    .venv/bin/python -m flux_kernels.bench_lora_moe --compile-only         # no GPU needed: sm_90 build check
-    .venv/bin/python -m flux_kernels.bench_lora_moe --compile-only --dtypes bf16 --arch 90
+    .venv/bin/python -m flux_bench.lora_moe                       # T in {2560, 15360}, K in {12288, 15360}
+    .venv/bin/python -m flux_bench.lora_moe --tokens 2560 --k 12288 --no-backward
+    .venv/bin/python -m flux_bench.lora_moe --compile-only         # no GPU needed: sm_90 build check
+    .venv/bin/python -m flux_bench.lora_moe --compile-only --dtypes bf16 --arch 90
 
 For each (T, K) with N = 3072, E = 4, r = 32, bf16 it times (triton.testing.do_bench, median):
   base      F.linear(x, W, b) alone (cuBLAS): the floor any fused version is measured against
@@ -187,7 +187,7 @@ def compile_only(arch: int, dtypes: list[str]) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m flux_bench.lora_moe", description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[2560, 6 * 2560])
     p.add_argument("--k", type=int, nargs="+", default=[12288, 15360])
     p.add_argument("--n", type=int, default=3072)
@@ -203,7 +203,7 @@ def main() -> None:
     if args.compile_only:
         return compile_only(args.arch, args.dtypes)
     if not torch.cuda.is_available():
-        sys.exit("bench_lora_moe needs a CUDA GPU; none is visible here. "
+        sys.exit("flux_bench.lora_moe needs a CUDA GPU; none is visible here. "
                  "(Correctness runs on the CPU: .venv/bin/python -m pytest tests/test_lora_moe_kernel.py;"
                  " an sm_90 build check: --compile-only.)")
     if os.environ.get("TRITON_INTERPRET") == "1":

@@ -1,6 +1,6 @@
 """Short adapter experiments on the shipped mini base: what makes an edit learnable, in minutes.
 
-    .venv/bin/python -m train.shapes.quick --types color --objects 1 --shape-ref --steps 600   # ~10 min, 2 cores
+    .venv/bin/python -m mini_world.quick --types color --objects 1 --shape-ref --steps 600   # ~10 min, 2 cores
 
 Trains a fresh LoRA (or, with --mode full, every DiT weight) on edit pairs of the chosen types,
 with scenes of exactly --objects objects (0: the world's 1-4) and optionally the edited object
@@ -8,7 +8,7 @@ named by its shape alone ("turn the circle blue"). It prints along the way the p
 README's diagnosis uses, the flow-matching error on the latent tokens the edit changes against the
 unchanged ones at t = 0.9 and 0.5 (64 fixed training pairs, fixed noise), and at the end the
 checker's success on --eval edits per type from the training and the held-out streams. Nothing is
-written: it is a measuring tool (the recipe, train/shapes/recipe.py, makes the shipped weights).
+written: it is a measuring tool (the recipe, mini_world/recipe.py, makes the shipped weights).
 """
 
 import argparse
@@ -22,14 +22,15 @@ import torch
 import torch.nn.functional as F
 
 from flux_minimal.errors import run_cli
-from flux_minimal.images import make_diptych, right_half_mask, to_tensor
+from flux_minimal.flux_loading import load_flux
+from flux_minimal.icedit import make_diptych, right_half_mask
+from flux_minimal.images import to_tensor
 from flux_minimal.lora import add_lora
-from flux_minimal.mmdit import load_flux
 from flux_minimal.sampling import Conditioning, fill_conditioning, flow_matching_mse, image_ids, pack, vae_down
 from flux_minimal.text import PromptEncoder
 from flux_minimal.vae import load_vae
-from train.shapes import world
-from train.shapes.check import check_edit
+from mini_world import world
+from mini_world.check import check_edit
 
 SIZE = 64
 
@@ -98,7 +99,7 @@ def success(pipe, exs: list[world.EditExample], steps: int) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.shapes.quick", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m mini_world.quick", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", type=Path, default=Path("assets/mini"), help="the base, VAE and text encoders")
     ap.add_argument("--mode", choices=["lora", "full"], default="lora", help="a fresh LoRA, or every DiT weight")
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pairs", type=int, default=4200)
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3, help="AdamW, 5% warmup then cosine")
+    ap.add_argument("--lr", type=float, default=1e-3, help="AdamW, 5%% warmup then cosine")
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--eval", type=int, default=6, help="edits per type and split for the success figures")
     ap.add_argument("--sample-steps", type=int, default=28)

@@ -1,8 +1,8 @@
 """Train the miniature ICEdit world from scratch on a CPU, and write it as a loadable snapshot.
 
-    .venv/bin/python -m train.mini --out assets/mini               # the shipped weights (~3 hours, 2 cores)
-    .venv/bin/python -m train.mini --out /tmp/mini --scale 0.01    # every stage in a few minutes
-    .venv/bin/python -m train.mini --out /tmp/mini --device cuda   # the same recipe on a GPU
+    .venv/bin/python -m mini_world.recipe --out assets/mini               # the shipped weights (~3 hours, 2 cores)
+    .venv/bin/python -m mini_world.recipe --out /tmp/mini --scale 0.01    # every stage in a few minutes
+    .venv/bin/python -m mini_world.recipe --out /tmp/mini --device cuda   # the same recipe on a GPU
 
 Every stage checkpoints as it goes, so the same command run again continues where it stopped, exactly
 (a stage killed at any moment gives the same weights as one that ran through). Stages, in order:
@@ -39,16 +39,17 @@ from flux_minimal.clip import CLIPTextModel
 from flux_minimal.config import PRESETS
 from flux_minimal.errors import run_cli
 from flux_minimal.files import check_folder, save_safetensors, write_text
-from flux_minimal.images import IC_PROMPT, make_diptych, save_png, to_tensor
+from flux_minimal.icedit import IC_PROMPT, make_diptych
+from flux_minimal.images import save_png, to_tensor
 from flux_minimal.mmdit import Flux
 from flux_minimal.sampling import Conditioning, fill_conditioning, flow_matching_mse, image_ids, pack
 from flux_minimal.t5 import T5EncoderModel
 from flux_minimal.text import PromptEncoder
 from flux_minimal.tokenizers import T5Tokenizer, clip_vocab, learn_clip_merges
 from flux_minimal.vae import AutoEncoder, load_vae, save_vae
-from train.shapes import world
-from train.shapes.loop import Loop, LoopConfig, load_ema, log
-from train.shapes.span import SpanCorruption, span_batch
+from mini_world import world
+from mini_world.loop import Loop, LoopConfig, log
+from mini_world.span import SpanCorruption, span_batch
 
 SIZE = 64  # scenes are 64 x 64; a diptych 128 x 64 is 8 x 16 = 128 tokens (4x VAE, 2x2 packing)
 STAGES = ("tokenizers", "t5", "vae", "base", "lora", "moe")
@@ -311,7 +312,7 @@ class Progress:
 
 def stage_seconds(work: Path, stage: str, started: float) -> float:
     """What a stage trained in all its sittings (its checkpoints keep count), else this sitting's time."""
-    from train.shapes.loop import trained_seconds
+    from mini_world.loop import trained_seconds
     folder = work / stage
     if stage in ("t5", "vae", "base") and (folder / "latest").is_file():
         return trained_seconds(folder)
@@ -329,7 +330,7 @@ def can_compile(device: str) -> bool:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.mini", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m mini_world.recipe", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("assets/mini"))
     ap.add_argument("--work", type=Path, default=None, help="checkpoints and progress (default: OUT/../mini_work)")

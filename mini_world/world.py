@@ -4,7 +4,7 @@ Like nanoGPT's Shakespeare: small enough to train on a CPU in a few hours, rich 
 whether the in-context editing recipe works. A scene is a background (a colour and a style) and
 1-4 flat shapes; an edit turns a source scene into a target scene and says so in one instruction,
 for each of the paper's edit types: remove, add, replace (swap), color, size, background (style),
-move (the paper's known-hard one). The judge for a model's output is `train/shapes/check.py`.
+move (the paper's known-hard one). The judge for a model's output is `mini_world/check.py`.
 
     rng = np.random.default_rng(0)
     ex = make_edit(rng, "color", size=64)        # ex.source, ex.target (PIL), ex.instruction, ex.record
@@ -29,7 +29,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from flux_minimal.files import write_text
-from flux_minimal.images import IC_PROMPT, save_png
+from flux_minimal.icedit import IC_PROMPT
+from flux_minimal.images import save_png
 
 # Object colours: saturated and far apart (min pairwise RGB distance 81, yellow-orange).
 COLORS: dict[str, tuple[int, int, int]] = {

@@ -1,7 +1,7 @@
 """FP8 against bf16: bytes, the quality of the edits, the error per block, and memory per mode.
 
-    .venv/bin/python -m infer.bench_fp8                  # CPU: mini, tiny, real-width blocks, the table (~2 min)
-    .venv/bin/python -m infer.bench_fp8 --device cuda    # also a real-shape edit on a GPU: peak memory, seconds
+    .venv/bin/python -m flux_bench.fp8                  # CPU: mini, tiny, real-width blocks, the table (~2 min)
+    .venv/bin/python -m flux_bench.fp8 --device cuda    # also a real-shape edit on a GPU: peak memory, seconds
 
 1. The mini model (assets/mini, with its LoRA-MoE): the DiT's linear-weight bytes in FP8 against
    bf16, and the PSNR of each FP8 edit against the bf16 edit of the same input and seed (the
@@ -25,7 +25,7 @@ import torch
 
 from flux_minimal import PRESETS, Flux
 from flux_minimal.fp8 import linear_bytes, quantize_linears
-from infer.bench import randomized
+from flux_bench.common import randomized
 
 REPO = Path(__file__).resolve().parent.parent
 GB = 1e9
@@ -40,7 +40,7 @@ def mini_edits(heldout: int) -> list[tuple[str, object, str]]:
     """(name, source image, instruction): the README's four scenes, then held-out world edits."""
     from PIL import Image
 
-    from infer.benchmarks import read_mini
+    from flux_eval.datasets import read_mini
     folder = REPO / "examples" / "mini"
     edits = []
     for line in (folder / "instructions.txt").read_text().splitlines():
@@ -163,7 +163,7 @@ def memory_table() -> None:
 
 def gpu_edit(steps: int) -> None:
     """Random real-shape weights on the GPU: one edit in bf16, then the same DiT quantized in place."""
-    from infer.bench import bench_preset, make_inputs, our_models, run_ours
+    from flux_bench.common import bench_preset, make_inputs, our_models, run_ours
     dev = torch.device("cuda")
     p = bench_preset("real")
     m = our_models(p, dev, torch.bfloat16, vae_dtype=torch.bfloat16)
@@ -182,7 +182,7 @@ def gpu_edit(steps: int) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m infer.bench_fp8", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m flux_bench.fp8", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--heldout", type=int, default=2, help="held-out world edits per type for the mini PSNR")
     ap.add_argument("--tokens", type=int, default=256, help="image tokens for the real-width blocks")

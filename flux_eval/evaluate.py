@@ -1,11 +1,11 @@
 """Evaluate an editor on the paper's benchmarks and print the tables beside the paper's rows.
 
-    .venv/bin/python -m infer.evaluate --bench magicbrush --data MagicBrush/test --weights FLUX.1-Fill-dev \
+    .venv/bin/python -m flux_eval.evaluate --bench magicbrush --data MagicBrush/test --weights FLUX.1-Fill-dev \
         --lora ICEdit-MoE/pytorch_lora_weights.safetensors --clip clip-vit-base-patch32 --dino dino-vits16 \
         --out runs/eval_magicbrush                                   # ICEdit's Table 2
-    .venv/bin/python -m infer.evaluate --bench emu --data emu_edit_test_set --weights ... --clip ... --dino ... \
+    .venv/bin/python -m flux_eval.evaluate --bench emu --data emu_edit_test_set --weights ... --clip ... --dino ... \
         --judge http://127.0.0.1:8000/v1 Qwen/Qwen2.5-VL-72B-Instruct --out runs/eval_emu    # Table 1
-    .venv/bin/python -m infer.evaluate --bench mini --weights assets/mini --lora assets/mini/lora_moe.safetensors \
+    .venv/bin/python -m flux_eval.evaluate --bench mini --weights assets/mini --lora assets/mini/lora_moe.safetensors \
         --out runs/eval_mini                                         # the shapes world, its checker
 
 OUT/edits/ holds the edited images (MagicBrush: OUT/edits/<session>/iter_<k>.png, the multi-turn
@@ -14,14 +14,14 @@ ground-truth input; the first turn is iter_1 for both), OUT/results.jsonl one li
 (written as each finishes), OUT/summary.md the table. `--resume` skips the sessions already in
 results.jsonl, so a killed run continues; `--edits DIR` scores another system's images laid out
 as OUT/edits/ (nothing is generated, no DiT is loaded).
-Metrics (infer/metrics.py), as the papers compute them:
+Metrics (flux_eval/metrics.py), as the papers compute them:
   MagicBrush  final turn: the last iterative edit against the last target; all turns: every
               independent edit against its target (MagicBrush's image_eval.py). L1, CLIP-I, DINO,
               and CLIP-T against the output captions when global_descriptions.json is there
   Emu Edit    against the input image (there is no target): L1, CLIP-I, DINO; CLIP-Out = CLIP-T of
               the edit and the output caption; with --judge, VIE-Score SC, PQ, Overall on 0-10
-              (infer/viescore.py). ICEdit measured Emu with CLIP ViT-L/14 (pass that folder as --clip)
-  mini        the world's checker: success, done, preservation error (train/shapes/check.py)
+              (flux_eval/viescore.py). ICEdit measured Emu with CLIP ViT-L/14 (pass that folder as --clip)
+  mini        the world's checker: success, done, preservation error (mini_world/check.py)
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ from PIL import Image
 from flux_minimal.errors import FluxMinimalError, run_cli
 from flux_minimal.files import check_folder, write_text
 from flux_minimal.images import save_png
-from infer.benchmarks import Session, read_emu, read_magicbrush, read_mini
+from infer.options import EDIT, PRESETS
+from flux_eval.datasets import Session, read_emu, read_magicbrush, read_mini
 
 # The paper's own rows (ICEdit, tables 1 and 2); "-" where it reports none.
 PAPER = {"magicbrush": {"l1": 0.060, "clip_i": 0.928, "dino": 0.853},
@@ -107,7 +108,7 @@ def score_session(bench: str, s: Session, editor: Editor, metrics, vie, seed: in
             if vie is not None:
                 row.update(vie.score_or_none(t.source, out, t.instruction))
         else:
-            from train.shapes.check import check_edit
+            from mini_world.check import check_edit
             sc = check_edit(t.record, t.source, out)
             row.update(success=bool(sc.success), done=bool(sc.done), preserve_mae=float(sc.preserve_mae),
                        l1=metrics.l1(out, t.target))
@@ -136,8 +137,8 @@ def fmt(x) -> str:
 def summarize(bench: str, rows: list[dict], per_edit: dict) -> str:
     cost = f"{per_edit['nfe']:.0f} NFE, {per_edit['seconds']:.2f} s per edit" if per_edit["n"] else "edits read from --edits"
     if bench == "mini":
-        from train.shapes import world
-        from train.shapes.ablation import table
+        from mini_world import world
+        from mini_world.ablation import table
         types = [r["type"] for r in rows]
         main = [r for r in rows if r["type"] != "move"]
         row = {"row": "ours", "success": mean(r["success"] for r in main) or 0.0,
@@ -163,10 +164,10 @@ def summarize(bench: str, rows: list[dict], per_edit: dict) -> str:
 
 
 def session_seed(args, i: int) -> int:
-    """The sampler seed of session i; the mini bench uses the ablation's (train/shapes/ablation.py),
+    """The sampler seed of session i; the mini bench uses the ablation's (mini_world/ablation.py),
     so its table reproduces the ablation's LoRA-MoE row."""
     if args.bench == "mini":
-        from train.shapes.ablation import SEED_OFFSET
+        from mini_world.ablation import SEED_OFFSET
         return args.seed + SEED_OFFSET + 97 * i
     return args.seed + i
 
@@ -192,7 +193,7 @@ def append_line(path: Path, row: dict) -> None:
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="python -m infer.evaluate", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m flux_eval.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bench", choices=["magicbrush", "emu", "mini"], required=True)
     ap.add_argument("--data", type=Path, help="the test set (magicbrush, emu)")
@@ -203,13 +204,13 @@ def parse_args(argv):
     ap.add_argument("--clip", type=Path, help="CLIP folder for CLIP-I / CLIP-T (openai/clip-vit-base-patch32)")
     ap.add_argument("--dino", type=Path, help="DINO folder (facebook/dino-vits16)")
     ap.add_argument("--judge", nargs=2, metavar=("URL", "MODEL"), help="VLM for VIE-Score (emu) and --candidates")
-    ap.add_argument("--candidates", type=int, default=1, help="early-filter scaling: M noise candidates")
-    ap.add_argument("--early-steps", type=int, default=10)
+    ap.add_argument("--candidates", type=int, default=EDIT.candidates, help="early-filter scaling: M noise candidates")
+    ap.add_argument("--early-steps", type=int, default=EDIT.early_steps)
     ap.add_argument("--limit", type=int, help="only the first N sessions")
     ap.add_argument("--per-type", type=int, default=20, help="mini: held-out edits per edit type")
-    ap.add_argument("--width", type=int, help="edit width (default: 512, mini 64)")
-    ap.add_argument("--steps", type=int, default=28)
-    ap.add_argument("--guidance", type=float, default=50.0)
+    ap.add_argument("--width", type=int, help=f"edit width (default: {EDIT.width}, mini {PRESETS['mini'].edit.width})")
+    ap.add_argument("--steps", type=int, default=EDIT.steps)
+    ap.add_argument("--guidance", type=float, default=EDIT.guidance)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
     ap.add_argument("--resume", action="store_true", help="skip the sessions already in OUT/results.jsonl")
@@ -217,7 +218,7 @@ def parse_args(argv):
     args = ap.parse_args(argv)
     if args.bench != "mini" and args.data is None:
         ap.error(f"--bench {args.bench} needs --data")
-    args.width = args.width or (64 if args.bench == "mini" else 512)
+    args.width = args.width or (PRESETS["mini"].edit.width if args.bench == "mini" else EDIT.width)
     return args
 
 
@@ -237,11 +238,11 @@ def main(argv=None) -> int:
     sessions = sessions[:args.limit] if args.limit else sessions
     print(f"{args.bench}: {len(sessions)} sessions"
           + (f"; dropped {sum(dropped.values())}: " + ", ".join(f"{n} {why}" for why, n in dropped.items()) if dropped else ""))
-    from infer.metrics import EditMetrics
+    from flux_eval.metrics import EditMetrics
     metrics = EditMetrics(clip=args.clip, dino=args.dino, device=args.device)
     vie = None
     if args.judge and args.bench == "emu":
-        from infer.viescore import VIEScore
+        from flux_eval.viescore import VIEScore
         vie = VIEScore(*args.judge)
     editor = Editor(args, out)
     done = read_done(results) if args.resume else {}

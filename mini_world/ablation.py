@@ -1,9 +1,9 @@
 """The paper's ablations in miniature (tables 3a and 3b) on held-out edits of the shapes world.
 
-    .venv/bin/python -m train.shapes.ablation --weights assets/mini --per-type 20 --grid assets/mini_results.png
+    .venv/bin/python -m mini_world.ablation --weights assets/mini --per-type 20 --grid assets/mini_results.png
 
 Every held-out edit is done by each method and measured by the world's programmatic checker
-(train/shapes/check.py): edit success (done as asked AND everything else preserved) and the
+(mini_world/check.py): edit success (done as asked AND everything else preserved) and the
 preservation error. Rows:
   target through the VAE  the ground-truth target encoded and decoded: every method's output leaves
                           through the VAE's decoder, so this row bounds them all (a perfect DiT)
@@ -25,11 +25,12 @@ from PIL import Image, ImageDraw
 
 from flux_minimal.errors import run_cli
 from flux_minimal.files import check_output, write_text
-from flux_minimal.images import IC_PROMPT, save_png, to_pil, to_tensor
+from flux_minimal.icedit import IC_PROMPT
+from flux_minimal.images import save_png, to_pil, to_tensor
 from infer.judge import ScoreJudge
 from infer.pipeline import ICEditPipeline
-from train.shapes import world
-from train.shapes.check import check_edit, oracle_score_fn
+from mini_world import world
+from mini_world.check import check_edit, oracle_score_fn
 
 SEED_OFFSET = 1000  # sampler seeds, apart from the data seeds
 
@@ -96,7 +97,7 @@ def grid(examples, columns: list[tuple[str, list[Image.Image]]], path: Path) -> 
     """One example per edit type: source | each method | target, with the instruction."""
     picks = [next(i for i, ex in enumerate(examples) if ex.record.edit_type == t) for t in world.EDIT_TYPES]
     cols = [("source", [ex.source for ex in examples]), *columns, ("target", [ex.target for ex in examples])]
-    S, pad, top, left = examples[0].source.width * 2, 4, 18, 0
+    S, pad, top = examples[0].source.width * 2, 4, 18
     W = len(cols) * (S + pad) + pad
     H = top + len(picks) * (S + pad + 12) + pad
     img = Image.new("RGB", (W, H), (255, 255, 255))

@@ -1,7 +1,7 @@
 """Checkpoint loading: wall time and peak host memory (RSS) for a >= 1 GB random FLUX checkpoint.
 
-    .venv/bin/python -m infer.bench_load                      # 1.3 GB bf16 file in /tmp
-    .venv/bin/python -m infer.bench_load --blocks 4 --keep    # bigger; keep the file
+    .venv/bin/python -m flux_bench.load                      # 1.3 GB bf16 file in /tmp
+    .venv/bin/python -m flux_bench.load --blocks 4 --keep    # bigger; keep the file
 
 The checkpoint is a real-width FLUX Fill (3072 wide, 24 heads) with fewer blocks, written as a
 BFL single file in bf16. Each scenario loads it in a fresh process and reports the load time, the
@@ -16,23 +16,15 @@ float32, and the last column compares each scenario's touched peak with the bf16
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from flux_minimal.timing import peak_rss
+
 GB = 1024**3
-
-
-def peak_rss() -> int:
-    """This process's peak resident set (VmHWM), in bytes. (ru_maxrss would also count the parent's
-    memory at fork time, which Linux carries across exec.)"""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def child(path: str, dtype: str, device: str) -> None:
@@ -103,7 +95,7 @@ def main() -> None:
     try:
         for dtype, device in scenarios:
             env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-            out = subprocess.run([sys.executable, "-c", f"from infer.bench_load import child; "
+            out = subprocess.run([sys.executable, "-c", f"from flux_bench.load import child; "
                                   f"child({str(path)!r}, {dtype!r}, {device!r})"],
                                  capture_output=True, text=True, env=env, check=True).stdout
             r = json.loads(out.strip().splitlines()[-1])

@@ -1,9 +1,9 @@
 """Probe the mini world's bottlenecks: what caps edit success before any adapter is trained.
 
-    .venv/bin/python -m train.shapes.probe --weights assets/mini       # ~30 s on 2 cores
+    .venv/bin/python -m mini_world.probe --weights assets/mini       # ~30 s on 2 cores
 
 Three figures, each a precondition of an instruction edit, measured on fresh scenes:
-  VAE ceiling      the edit checker (train/shapes/check.py) on held-out *targets* after a VAE round
+  VAE ceiling      the edit checker (mini_world/check.py) on held-out *targets* after a VAE round
                    trip: every output leaves through the decoder, so no DiT can do better
   in-context copy  the base model asked for "the same scene" with the right half masked: the
                    fraction of each object's visible pixels that come back in its colour, and the MAE
@@ -21,9 +21,9 @@ import numpy as np
 from infer.pipeline import ICEditPipeline
 from flux_minimal.errors import run_cli
 
-from train.shapes import world
-from train.shapes.recipe import SAME_SCENE_PROMPT, TWO_SCENES_PROMPT
-from train.shapes.ablation import summarize, vae_ceiling
+from mini_world import world
+from mini_world.recipe import SAME_SCENE_PROMPT, TWO_SCENES_PROMPT
+from mini_world.ablation import summarize, vae_ceiling
 
 PALETTE = np.array(list(world.COLORS.values()), dtype=np.float64)  # [8, 3]
 NAMES = list(world.COLORS)

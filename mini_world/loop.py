@@ -1,6 +1,6 @@
 """A resumable training loop for the mini recipe's own stages (text encoder, VAE, base model).
 
-AdamW with a linear warmup and a cosine decay to zero, an exponential moving average of the
+AdamW with a linear warmup and a cosine decay to zero (or a constant rate), an exponential moving average of the
 weights (what ships), gradient clipping, and atomic checkpoints every few minutes:
 
     folder/step_0001200/model.safetensors      the weights ("model." and "ema." prefixes)
@@ -45,6 +45,7 @@ class LoopConfig:
     steps: int
     lr: float
     warmup: float = 0.05  # fraction of the steps with a linear warmup
+    warmup_steps: int = 0  # or this many steps (when > 0), whatever `steps` is: a run may be extended
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.99)
     clip: float = 1.0
@@ -53,6 +54,8 @@ class LoopConfig:
     snapshot_every: int = 0  # keep the EMA every this many steps, for learning curves (0: never)
     log_every: int = 100
     seed: int = 0
+    schedule: str = "cosine"  # "cosine": warmup, then cosine to zero; "constant": warmup, then flat
+    trainable_only: bool = False  # checkpoint only the trainable parameters (adapters on a frozen base)
 
 
 class Loop:
@@ -62,6 +65,7 @@ class Loop:
     def __init__(self, folder: Path, model: nn.Module, cfg: LoopConfig, compile: bool = False):
         self.folder, self.model, self.cfg = Path(folder), model, cfg
         self.ema = copy.deepcopy(model).eval().requires_grad_(False)
+        self.trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.step, self.seconds, self.losses = 0, 0.0, []
@@ -72,15 +76,23 @@ class Loop:
 
     def _resume(self) -> None:
         weights, opt, state = load_checkpoint(self.folder, name="model")
-        self.model.load_state_dict({k[6:]: v for k, v in weights.items() if k.startswith("model.")})
-        self.ema.load_state_dict({k[4:]: v for k, v in weights.items() if k.startswith("ema.")})
+        for prefix, module in (("model.", self.model), ("ema.", self.ema)):
+            part = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+            if self.cfg.trainable_only and sorted(part) != sorted(self.trainable):
+                raise ValueError(f"{self.folder}: the checkpoint holds {len(part)} {prefix[:-1]} tensors, the model trains "
+                                 f"{len(self.trainable)} (another adapter kind or rank?): start a new folder")
+            module.load_state_dict(part, strict=not self.cfg.trainable_only)
         restore_optimizer(self.model, self.opt, opt)
         self.step, self.seconds, self.losses = state["step"], state["seconds"], state["losses"]
         log(f"{self.folder.name}: resumed at step {self.step}/{self.cfg.steps} ({self.seconds / 60:.1f} min trained)")
 
-    def _save(self) -> None:
-        weights = {**{f"model.{k}": v for k, v in self.model.state_dict().items()},
-                   **{f"ema.{k}": v for k, v in self.ema.state_dict().items()}}
+    def _weights(self, module: nn.Module) -> dict[str, Tensor]:
+        state = module.state_dict()
+        return {k: state[k] for k in self.trainable} if self.cfg.trainable_only else state
+
+    def save(self) -> None:
+        weights = {**{f"model.{k}": v for k, v in self._weights(self.model).items()},
+                   **{f"ema.{k}": v for k, v in self._weights(self.ema).items()}}
         state = {"seconds": self.seconds, "losses": self.losses[-self.cfg.log_every:]}
         final = save_checkpoint(self.folder, self.step, weights, optimizer_state(self.model, self.opt), state,
                                 name="model")
@@ -93,14 +105,24 @@ class Loop:
         with torch.no_grad():
             torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1 - decay)
 
-    def run(self, loss_fn: Callable[[nn.Module, torch.Generator, int], Tensor]) -> nn.Module:
+    def lr(self, step: int) -> float:
+        cfg = self.cfg
+        warmup = cfg.warmup_steps / cfg.steps if cfg.warmup_steps else cfg.warmup
+        if cfg.schedule == "constant":
+            return cfg.lr * min(1.0, step / max(1.0, warmup * cfg.steps))
+        return warmup_cosine(cfg.lr, step, cfg.steps, warmup)
+
+    def run(self, loss_fn: Callable[[nn.Module, torch.Generator, int], Tensor],
+            after_step: Callable[[int], None] | None = None) -> nn.Module:
+        """Train to cfg.steps. after_step(step), if given, runs after each step and its checkpoint, if
+        one was due (e.g. an evaluation of the EMA; `save()` checkpoints on demand)."""
         cfg, t_save = self.cfg, time.perf_counter()
         self.model.train()
         while self.step < cfg.steps:
             t0 = time.perf_counter()
             step = self.step + 1
             for group in self.opt.param_groups:
-                group["lr"] = warmup_cosine(cfg.lr, step, cfg.steps, cfg.warmup)
+                group["lr"] = self.lr(step)
             loss = loss_fn(self.forward, step_generator(cfg.seed, step), step)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -115,11 +137,13 @@ class Loop:
                     f"({self.seconds / 60:.1f} min, {1000 * self.seconds / step:.0f} ms/step)")
             if cfg.snapshot_every and step % cfg.snapshot_every == 0:
                 (self.folder / "snapshots").mkdir(parents=True, exist_ok=True)
-                save_safetensors(self.ema.state_dict(), self.folder / "snapshots" / f"step_{step:07d}.safetensors",
+                save_safetensors(self._weights(self.ema), self.folder / "snapshots" / f"step_{step:07d}.safetensors",
                                  {"seconds": f"{self.seconds:.1f}"})
             if step == cfg.steps or time.perf_counter() - t_save >= cfg.save_every_s:
-                self._save()
+                self.save()
                 t_save = time.perf_counter()
+            if after_step is not None:
+                after_step(step)
         return self.ema
 
 
