@@ -18,7 +18,7 @@ from flux_minimal.flux_keys import FLUX_FROM_DIFFUSERS
 from flux_minimal.loading import split_by_rules
 from flux_minimal.ops import ATTENTION_BACKENDS
 from flux_minimal.sampling import (Conditioning, DenoiseState, denoise, fill_conditioning, get_noise, get_schedule,
-                                   image_ids, pack, unpack)
+                                   pack, unpack)
 from flux_minimal.timing import timed
 from flux_minimal.t5 import T5EncoderModel as OurT5
 from flux_minimal.vae import AutoEncoder
@@ -223,8 +223,7 @@ def run_ours(m: Models, x: Inputs, steps: int, dev, graphed: GraphedDenoiser | N
         (txt, vec), t_text = timed(lambda: (m.t5(x.ids_t5), m.clip(x.ids_clip)), dev)
 
         def edit():
-            cond = Conditioning(image_ids(1, H, W, dev), txt, torch.zeros(1, txt.shape[1], 3, device=dev), vec,
-                                fill_conditioning(m.vae, x.image, x.mask))
+            cond = Conditioning.of(txt, vec, fill_conditioning(m.vae, x.image, x.mask), H, W)
             state = DenoiseState(pack(x.noise).to(dev), get_schedule(steps, (H // 16) * (W // 16)))
             return (graphed.denoise if graphed else partial(denoise, m.flux))(state, cond, 50.0)
         state, t_den = timed(edit, dev)

@@ -75,6 +75,15 @@ def fill_conditioning(vae, image: Tensor, mask: Tensor) -> Tensor:
     return torch.cat([pack(latent), pack_mask(mask.float().to(latent.device), vae_down(vae))], dim=-1)
 
 
+def encode_fill_example(vae, image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """A training example of Fill (an ICEdit diptych with the right half masked, or any inpainting):
+    x0 = pack(vae.encode(image)) [B, L, 64], the latent the model learns to produce, and its
+    conditioning img_cond [B, L, 320] (`fill_conditioning`), both float32. image [B, 3, H, W] in
+    [-1, 1]; mask [B, 1, H, W] (or [1, 1, H, W]), 1 where the model generates."""
+    x0 = pack(vae.encode(image.to(next(vae.parameters()).dtype)).float())
+    return x0, fill_conditioning(vae, image, mask.expand(image.shape[0], -1, -1, -1))
+
+
 def vae_down(vae) -> int:
     """The VAE's downsampling factor (8 for FLUX's); 8 for objects that do not say."""
     params = getattr(vae, "params", None)
@@ -111,6 +120,14 @@ class Conditioning:
     txt_ids: Tensor  # [1|B, T, 3]
     vec: Tensor  # [1|B, 768]
     img_cond: Tensor | None = None  # [1|B, L, 320] for Fill; None for a plain text-to-image FLUX
+
+    @classmethod
+    def of(cls, txt: Tensor, vec: Tensor, img_cond: Tensor | None, height: int, width: int,
+           down: int = 8) -> "Conditioning":
+        """The conditioning of B images of height x width pixels: their token positions, the prompt
+        embeddings txt [B, T, d] with FLUX's all-zero text ids, the pooled vec [B, d'] and img_cond."""
+        B, dev = txt.shape[0], txt.device
+        return cls(image_ids(B, height, width, dev, down), txt, torch.zeros(B, txt.shape[1], 3, device=dev), vec, img_cond)
 
     def expand(self, batch: int) -> "Conditioning":
         """Views with batch `batch`: the candidates share one copy of text and conditioning."""

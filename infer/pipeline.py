@@ -27,7 +27,7 @@ from flux_minimal.loading import WEIGHTS_HELP
 from flux_minimal.mmdit import Flux
 from flux_minimal.ops import set_attention_backend
 from flux_minimal.sampling import (Conditioning, DenoiseState, denoise, fill_conditioning, get_noise, get_schedule,
-                                   image_ids, pack, unpack, vae_down)
+                                   pack, unpack, vae_down)
 from flux_minimal.text import PromptEncoder
 from flux_minimal.vae import load_vae
 from flux_minimal.timing import Stopwatch, peak_memory
@@ -151,12 +151,12 @@ class ICEditPipeline:
         diptych = make_diptych(source)
         W, H = diptych.size
         with watch("text"):
-            txt, txt_ids, vec = self.encode_text([prompt])
+            txt, _, vec = self.encode_text([prompt])
         with watch("encode"):
             img_cond = fill_conditioning(self.vae, to_tensor(diptych).to(self.device),
                                          right_half_mask(H, W).to(self.device))
         down = vae_down(self.vae)
-        cond = Conditioning(image_ids(1, H, W, self.device, down), txt, txt_ids, vec, img_cond)
+        cond = Conditioning.of(txt, vec, img_cond, H, W, down)
         return EditJob(source, instruction, H, W, cond, down)
 
     @torch.no_grad()

@@ -1,4 +1,5 @@
-"""A resumable training loop for the mini recipe's own stages (text encoder, VAE, base model).
+"""A resumable training loop for the mini world: the recipe's stages (text encoder, VAE, base), the
+long adapter stage (adapters.py) and the quick experiments (quick.py).
 
 AdamW with a linear warmup and a cosine decay to zero (or a constant rate), an exponential moving average of the
 weights (what ships), gradient clipping, and atomic checkpoints every few minutes:

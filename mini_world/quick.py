@@ -12,7 +12,7 @@ written: it is a measuring tool (the recipe, mini_world/recipe.py, makes the shi
 """
 
 import argparse
-import math
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -26,10 +26,11 @@ from flux_minimal.flux_loading import load_flux
 from flux_minimal.icedit import make_diptych, right_half_mask
 from flux_minimal.images import to_tensor
 from flux_minimal.lora import add_lora
-from flux_minimal.sampling import Conditioning, fill_conditioning, flow_matching_mse, image_ids, pack, vae_down
+from flux_minimal.sampling import Conditioning, encode_fill_example, flow_matching_mse, vae_down
 from flux_minimal.text import PromptEncoder
 from flux_minimal.vae import load_vae
 from mini_world import world
+from mini_world.loop import Loop, LoopConfig
 from mini_world.check import check_edit
 
 SIZE = 64
@@ -62,8 +63,9 @@ def encode(vae, text: PromptEncoder, exs: list[world.EditExample], chunk: int = 
         ch = exs[k:k + chunk]
         x = torch.cat([to_tensor(make_diptych(e.source, e.target)) for e in ch])
         copy = torch.cat([to_tensor(make_diptych(e.source, e.source)) for e in ch])
-        parts["x0"].append(pack(vae.encode(x)))
-        parts["cond"].append(fill_conditioning(vae, x, right_half_mask(SIZE, 2 * SIZE).expand(len(ch), -1, -1, -1)))
+        x0, cond = encode_fill_example(vae, x, right_half_mask(SIZE, 2 * SIZE))
+        parts["x0"].append(x0)
+        parts["cond"].append(cond)
         txt, _, vec = text.encode_prompt([e.prompt for e in ch])
         parts["txt"].append(txt)
         parts["vec"].append(vec)
@@ -74,10 +76,8 @@ def encode(vae, text: PromptEncoder, exs: list[world.EditExample], chunk: int = 
 
 def velocity_error(flux, data: dict, idx: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """[B, L]: the training objective (ICEdit's, guidance 1) per token."""
-    B = len(idx)
-    cond = Conditioning(image_ids(B, SIZE, 2 * SIZE, down=data["down"]), data["txt"][idx],
-                        torch.zeros(B, data["txt"].shape[1], 3), data["vec"][idx], data["cond"][idx])
-    return flow_matching_mse(flux, data["x0"][idx], eps, t, cond, torch.ones(B), per_token=True)
+    cond = Conditioning.of(data["txt"][idx], data["vec"][idx], data["cond"][idx], SIZE, 2 * SIZE, data["down"])
+    return flow_matching_mse(flux, data["x0"][idx], eps, t, cond, torch.ones(len(idx)), per_token=True)
 
 
 @torch.no_grad()
@@ -131,30 +131,30 @@ def main(argv=None) -> int:
     else:
         params = add_lora(flux, rank=args.rank, seed=args.seed)
     print(f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters ({args.mode})")
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    model = torch.compile(flux) if args.compile else flux
-    g = torch.Generator().manual_seed(args.seed)
     pg = torch.Generator().manual_seed(args.seed + 1)  # the probe's fixed pairs and noise
     N = len(data["x0"])
     p_idx = torch.randint(0, N, (min(64, N),), generator=pg)
     p_eps = torch.randn(len(p_idx), *data["x0"].shape[1:], generator=pg)
     print("step 0:", {k: round(v, 4) for k, v in probe(flux, data, p_idx, p_eps).items()})
-    warm, t0 = max(1, args.steps // 20), time.perf_counter()
-    for step in range(1, args.steps + 1):
-        lr = args.lr * (step / warm if step <= warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, args.steps - warm))))
-        for group in opt.param_groups:
-            group["lr"] = lr
+
+    def loss_fn(model, g: torch.Generator, step: int) -> torch.Tensor:
         idx = torch.randint(0, N, (args.batch,), generator=g)
         eps = torch.randn(args.batch, *data["x0"].shape[1:], generator=g)
         t = torch.sigmoid(torch.randn(args.batch, generator=g))  # ICEdit's logit-normal t
-        loss = velocity_error(model, data, idx, eps, t).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 0.5)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        return velocity_error(model, data, idx, eps, t).mean()
+
+    def after_step(step: int) -> None:
         if step % max(1, args.steps // 10) == 0 or step == args.steps:
             p = {k: round(v, 4) for k, v in probe(flux, data, p_idx, p_eps).items()}
-            print(f"step {step}: loss {loss.item():.4f}, {p} ({time.perf_counter() - t0:.0f}s)", flush=True)
+            print(f"step {step}: {p} ({loop.seconds:.0f}s)", flush=True)
+
+    # The recipe's loop (AdamW, 5% warmup, cosine), in a folder thrown away at the end: nothing is
+    # kept, and the raw weights (not the loop's EMA) are what is measured.
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = LoopConfig(steps=args.steps, lr=args.lr, clip=0.5, betas=(0.9, 0.999), log_every=max(1, args.steps // 10),
+                         save_every_s=float("inf"), seed=args.seed)
+        loop = Loop(Path(tmp), flux, cfg, compile=args.compile)
+        loop.run(loss_fn, after_step)
     from infer.pipeline import ICEditPipeline
     pipe = ICEditPipeline(flux.eval(), vae, text)
     n = args.eval * len(args.types.split(","))

@@ -42,7 +42,7 @@ from flux_minimal.files import check_folder, save_safetensors, write_text
 from flux_minimal.icedit import IC_PROMPT, make_diptych
 from flux_minimal.images import save_png, to_tensor
 from flux_minimal.mmdit import Flux
-from flux_minimal.sampling import Conditioning, fill_conditioning, flow_matching_mse, image_ids, pack
+from flux_minimal.sampling import Conditioning, encode_fill_example, flow_matching_mse
 from flux_minimal.t5 import T5EncoderModel
 from flux_minimal.text import PromptEncoder
 from flux_minimal.tokenizers import T5Tokenizer, clip_vocab, learn_clip_merges
@@ -209,8 +209,9 @@ def encode_pool(vae, text: PromptEncoder, n: int, seed: int, device, chunk: int 
         rng = np.random.default_rng([5, seed, k])
         ex = [base_example(rng) for _ in range(min(chunk, n - k * chunk))]
         canvas, mask = torch.stack([e[0] for e in ex]).to(device), torch.stack([e[1] for e in ex]).to(device)
-        parts["x0"].append(pack(vae.encode(canvas)))
-        parts["cond"].append(fill_conditioning(vae, canvas, mask))
+        x0, cond = encode_fill_example(vae, canvas, mask)
+        parts["x0"].append(x0)
+        parts["cond"].append(cond)
         with warnings.catch_warnings():  # long captions are cut to T5's length, on purpose
             warnings.simplefilter("ignore")
             txt, _, vec = text.encode_prompt([e[2] for e in ex], device=device)
@@ -227,8 +228,6 @@ def train_base(out: Path, work: Path, preset, steps: int, batch: int, pool_size:
     log(f"base: {pool_size} examples encoded in {time.perf_counter() - t0:.0f}s")
     torch.manual_seed(seed)
     model = Flux(preset.flux).to(device)
-    ids = image_ids(batch, SIZE, 2 * SIZE, device, down=preset.ae.downsample)
-    txt_ids = torch.zeros(batch, pool["txt"].shape[1], 3, device=device)
 
     def loss_fn(m, g, step):
         idx = torch.randint(0, pool_size, (batch,), generator=g).to(device)
@@ -236,7 +235,8 @@ def train_base(out: Path, work: Path, preset, steps: int, batch: int, pool_size:
         eps = torch.randn(x0.shape, generator=g).to(device)
         t = torch.sigmoid(torch.randn(batch, generator=g)).to(device)
         guidance = (1 + 59 * torch.rand(batch, generator=g)).to(device)  # not distilled: taught to ignore it
-        cond = Conditioning(ids, pool["txt"][idx], txt_ids, pool["vec"][idx], pool["cond"][idx])
+        cond = Conditioning.of(pool["txt"][idx], pool["vec"][idx], pool["cond"][idx], SIZE, 2 * SIZE,
+                               preset.ae.downsample)
         return flow_matching_mse(m, x0, eps, t, cond, guidance).mean()
 
     cfg = LoopConfig(steps=steps, lr=1e-3, log_every=max(1, steps // 20), snapshot_every=max(1, steps // 8), seed=seed,

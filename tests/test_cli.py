@@ -229,7 +229,7 @@ def test_save_png_atomic_on_failure(tmp_path, monkeypatch):
 def test_our_packages_win_over_packages_of_the_same_name(tmp_path):
     """Packages called like ours elsewhere on the path (PyPI has an `infer` and a `train`) do not
     shadow ours when run from the repository root (tests/test_names.py checks the other way)."""
-    for name in ("flux_kernels", "flux_minimal", "infer", "train"):
+    for name in ("flux_bench", "flux_eval", "flux_kernels", "flux_minimal", "infer", "mini_world", "train"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text("raise ImportError('the wrong package was imported')\n")
     env = dict(os.environ, PYTHONPATH=str(tmp_path))

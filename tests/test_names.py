@@ -26,7 +26,8 @@ def our_top_level_names() -> list[str]:
 
 def test_our_names_are_the_expected_ones():
     """A new top-level package must be added here on purpose (and checked by the tests below)."""
-    assert our_top_level_names() == ["flux_kernels", "flux_minimal", "infer", "tests", "train"]
+    assert our_top_level_names() == ["flux_bench", "flux_eval", "flux_kernels", "flux_minimal", "infer", "mini_world",
+                                     "tests", "train"]
 
 
 def test_no_installed_distribution_provides_our_names(tmp_path):

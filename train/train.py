@@ -39,7 +39,7 @@ from flux_minimal.icedit import make_diptych, right_half_mask
 from flux_minimal.images import save_png, to_pil
 from flux_minimal.lora import add_lora, lora_parameters
 from flux_minimal.lora_files import load_lora, lora_state_dict, official_from_ours
-from flux_minimal.sampling import Conditioning, fill_conditioning, flow_matching_mse, image_ids, pack, vae_down
+from flux_minimal.sampling import Conditioning, encode_fill_example, flow_matching_mse, vae_down
 from flux_minimal.text import PromptEncoder
 from flux_minimal.vae import load_vae
 from flux_minimal.files import check_folder, save_safetensors
@@ -144,10 +144,7 @@ class Batcher:
         fresh = {}
         if todo:
             x = torch.stack([d for _, d in todo]).to(self.device)  # [n, 3, R, 2R]
-            H, W = x.shape[-2:]
-            mask = right_half_mask(H, W).to(self.device).expand(len(todo), -1, -1, -1)
-            x0 = pack(self.vae.encode(x).float())  # [n, L, 64]
-            cond = fill_conditioning(self.vae, x, mask)  # [n, L, 320]
+            x0, cond = encode_fill_example(self.vae, x, right_half_mask(*x.shape[-2:]).to(self.device))  # [n, L, 64|320]
             fresh = {i: (x0[k], cond[k]) for k, (i, _) in enumerate(todo)}
         got = [self.latents.get(i) or fresh[i] for i in pairs]
         if self.cache:
@@ -180,8 +177,7 @@ def flow_loss(model, b: dict, R: int, nominal: int, dtype, down: int = 8) -> tup
     skipped sample counts as zero and N processes average to exactly the single-process loss).
     Returns (loss, per-sample MSE)."""
     B, dev = b["x0"].shape[0], b["x0"].device
-    cond = Conditioning(image_ids(B, R, 2 * R, dev, down), b["txt"], torch.zeros(B, b["txt"].shape[1], 3, device=dev),
-                        b["vec"], b["cond"])
+    cond = Conditioning.of(b["txt"], b["vec"], b["cond"], R, 2 * R, down)
     per_sample = flow_matching_mse(model, b["x0"], b["eps"], b["t"], cond, torch.ones(B, device=dev), dtype)  # guidance 1
     return per_sample.sum() / nominal, per_sample.detach()
 
