@@ -196,6 +196,12 @@ def plot_curve(run: Path, png: Path) -> None:
         if first is not None:
             marks[f"1-{phase.max_objects} objects"] = first["hours"]
     plot(series, marks, png, xlabel="hours of adapter training (the run's own clock)")
+    print("| step | hours | objects | " + " | ".join(JUDGED_TYPES) + " | mean | README seeds |")
+    print("| ---: | ---: | --- | " + " | ".join("---:" for _ in JUDGED_TYPES) + " | ---: | ---: |")
+    for q in points:
+        print(f"| {q['step']} | {q['hours']:.2f} | 1-{phase_of_step(q['step']).max_objects} | "
+              + " | ".join(f"{100 * q['success'][t]:.0f}%" for t in JUDGED_TYPES)
+              + f" | {100 * q['mean']:.0f}% | {q['readme']}/{README_SEEDS} |")
 
 
 def main(argv=None) -> int:

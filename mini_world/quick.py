@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     def after_step(step: int) -> None:
         if step % max(1, args.steps // 10) == 0 or step == args.steps:
             p = {k: round(v, 4) for k, v in probe(flux, data, p_idx, p_eps).items()}
-            print(f"step {step}: {p} ({loop.seconds:.0f}s)", flush=True)
+            print(f"step {step}: loss {loop.losses[-1]:.4f}, {p} ({loop.seconds:.0f}s)", flush=True)
 
     # The recipe's loop (AdamW, 5% warmup, cosine), in a folder thrown away at the end: nothing is
     # kept, and the raw weights (not the loop's EMA) are what is measured.

@@ -84,6 +84,7 @@ def server():
     proc.wait(timeout=10)
 
 
+@pytest.mark.slow
 def test_api_edit_queue_and_bad_image(server, tmp_path):
     from gradio_client import Client, handle_file
     client = Client(server, verbose=False)

@@ -86,6 +86,7 @@ def test_static_buffer_step_is_denoise():
     assert len(graphed.graphs) == 2
 
 
+@pytest.mark.slow
 def test_regional_compile_equals_eager_with_one_graph_per_kind_of_block():
     flux = tiny_flux(depth=2, single=3)
     cond = tiny_cond(flux)
@@ -97,6 +98,7 @@ def test_regional_compile_equals_eager_with_one_graph_per_kind_of_block():
     assert counters["stats"]["unique_graphs"] == 2  # one double-block graph, one single-block graph
 
 
+@pytest.mark.slow
 def test_dit_with_moe_lora_traces_without_a_graph_break(monkeypatch):
     """torch.compile(fullgraph=True) fails on any graph break: the whole DiT with a LoRA-MoE (the
     torch path here; on CUDA the Triton one), and the kernels' token grouping on its own."""
@@ -163,6 +165,7 @@ def _bench(*args: str) -> subprocess.CompletedProcess:
                           env=env, timeout=900)
 
 
+@pytest.mark.slow
 def test_bench_real_widths_on_cpu():
     """The issue's command, exactly: real widths, one block of each kind, checked against diffusers."""
     r = _bench("--preset", "real", "--device", "cpu", "--depth", "1", "--single-depth", "1", "--steps", "2", "--check")
@@ -171,6 +174,7 @@ def test_bench_real_widths_on_cpu():
     assert "within the tolerance 0.0001 for fp32" in r.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", ["random-lora", "random-moe"])
 def test_bench_loads_the_lora_on_both_sides(lora):
     r = _bench("--preset", "tiny", "--steps", "3", "--check", "--lora", lora)

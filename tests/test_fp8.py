@@ -134,6 +134,7 @@ def test_moe_experts_beside_an_fp8_base(monkeypatch, interpret):
     assert rel_err(got, want) <= 1e-5
 
 
+@pytest.mark.slow
 def test_mini_pipeline_fp8_edit_against_bf16(monkeypatch):
     """The four README scenes with the LoRA-MoE: the FP8 edits within 30 dB of the bf16 edits (the
     issue's bar), taken over the four (PSNR of the mean squared error); T5 in FP8 too."""

@@ -42,6 +42,7 @@ def test_shipped_weights_fit_the_budget():
     assert sum(f.stat().st_size for f in files) <= 50 * 2**20
 
 
+@pytest.mark.slow
 def test_readme_first_command(tmp_path):
     """`python -m infer.edit --preset mini ...` as the README gives it: under a minute with the model
     load, a 64x64 PNG with its metadata, and the in-context copy of everything the instruction does
@@ -115,6 +116,7 @@ def test_killed_stage_resumes_exactly(tmp_path):
     assert _files(cut) == _files(ref)
 
 
+@pytest.mark.slow
 def test_compiled_base_step_matches_eager():
     """The base stage's compiled forward and backward give eager's loss and gradients (fp32; the
     fused kernels reorder sums, so within 1e-4 relative)."""
@@ -160,6 +162,7 @@ def test_vae_ceiling_scores_the_targets():
     assert nfe == 0
 
 
+@pytest.mark.slow
 def test_eval_command_writes_the_table(tmp_path):
     """The README's evaluation command, at one edit per type: every row of the table, in order."""
     from mini_world.ablation import main as eval_main
@@ -208,6 +211,7 @@ def test_caption_probe_separates_reading_from_ignoring():
     assert named < 0.8
 
 
+@pytest.mark.slow
 def test_quick_adapter_experiment(capsys, monkeypatch):
     """mini_world.quick: shape-only references name the object without its colour; the changed-token
     mask marks right-half tokens only, and the ones over the object; a 2-step run prints its probe

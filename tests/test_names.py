@@ -57,6 +57,7 @@ def _hf_kernels_installed() -> bool:
 
 @pytest.mark.skipif(not _hf_kernels_installed() and not os.environ.get("CI"),
                     reason="Hugging Face's `kernels` is not installed (.ci/run installs it: pip install kernels)")
+@pytest.mark.slow
 def test_hugging_face_kernels_and_diffusers_import_from_the_repository_root():
     """From the root, `import kernels` is Hugging Face's (transformers >= 5.25 imports it), and
     diffusers' Fill pipeline imports beside our packages."""

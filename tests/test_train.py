@@ -3,6 +3,7 @@ process with the doubled batch, the export loads in diffusers, bad samples are s
 
 import json
 import os
+import socket
 import signal
 import subprocess
 import sys
@@ -50,6 +51,7 @@ def losses(out: Path) -> list[float]:
     return [json.loads(l)["loss"] for l in (out / "log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_loss_goes_down(snapshot, tmp_path):
     data = write_pairs(tmp_path / "data")
     out = tmp_path / "run"
@@ -110,14 +112,24 @@ def test_sigkill_then_resume(snapshot, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def torchrun(args: list[str], env: dict) -> None:
+    """Two processes of `args` under torchrun, on a free port (fixed ports collide on a busy
+    machine); on failure the processes' own output is in the assertion."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(port), *args], cwd=REPO, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_equal_one_with_double_batch(snapshot, tmp_path):
     data = write_pairs(tmp_path / "data", n=8)
     args = ["--steps", "3", "--optimizer", "adamw", "--lr", "1e-3", "--rank", "4", "--save-every", "100"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                    "-m", "train.train", "--weights", str(snapshot), "--data", str(data), "--out", str(tmp_path / "ddp"),
-                    *COMMON, "--batch", "1", "--workers", "2", *args], cwd=REPO, check=True, env=env, capture_output=True)
+    torchrun(["-m", "train.train", "--weights", str(snapshot), "--data", str(data), "--out", str(tmp_path / "ddp"),
+              *COMMON, "--batch", "1", "--workers", "2", *args], env)
     assert train(snapshot, data, tmp_path / "one", "--batch", "2", *args) == 0
     a, b = load_file(tmp_path / "ddp" / "adapter.safetensors"), load_file(tmp_path / "one" / "adapter.safetensors")
     # The all-reduce sums in another order than one batch's mean (~1e-7 relative on the gradients).
@@ -140,13 +152,12 @@ def test_fsdp_equals_ddp(snapshot, tmp_path):
     args = ["--optimizer", "adamw", "--lr", "1e-3", "--rank", "4", "--batch", "1", "--save-every", "2"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
 
-    def torchrun(out, port, *extra):
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(port), "-m", "train.train", "--weights", str(snapshot), "--data", str(data), "--out",
-                        str(out), *COMMON, *args, *map(str, extra)], cwd=REPO, check=True, env=env, capture_output=True)
-    torchrun(tmp_path / "ddp", 29521, "--steps", "4")
-    torchrun(tmp_path / "fsdp", 29522, "--steps", "2", "--fsdp")
-    torchrun(tmp_path / "fsdp", 29523, "--steps", "4", "--fsdp", "--resume", tmp_path / "fsdp")
+    def run(out, *extra):
+        torchrun(["-m", "train.train", "--weights", str(snapshot), "--data", str(data), "--out", str(out), *COMMON,
+                  *args, *map(str, extra)], env)
+    run(tmp_path / "ddp", "--steps", "4")
+    run(tmp_path / "fsdp", "--steps", "2", "--fsdp")
+    run(tmp_path / "fsdp", "--steps", "4", "--fsdp", "--resume", tmp_path / "fsdp")
     a, b = load_file(tmp_path / "ddp" / "adapter.safetensors"), load_file(tmp_path / "fsdp" / "adapter.safetensors")
     assert sorted(a) == sorted(b)
     for k in a:  # reduce-scatter vs all-reduce: another summation order (see the DDP test)
