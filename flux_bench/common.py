@@ -123,33 +123,24 @@ def reference_twins(ours: Models, p: Preset) -> Models:
 
 def random_lora(flux: Flux, path: Path, experts: int, rank: int = 32, seed: int = 0) -> Path:
     """A random LoRA (experts = 0) or LoRA-MoE file in the official diffusers/peft layout, on ICEdit's
-    targets for this model's depth: A ~ N(0, 1/in), B ~ N(0, 0.02^2), router ~ N(0, 1/in)."""
+    targets for this model's depth: add_lora's adapters on a weightless (meta-device) twin of the
+    model, given random values (A and the router ~ N(0, 1/in), B ~ N(0, 0.02^2)), then exported."""
     from safetensors.torch import save_file
 
-    from flux_minimal.flux_keys import diffusers_target
-    from flux_minimal.lora import MOE_TARGETS, OFFICIAL_TARGETS, expand_targets, part_rows
+    from flux_minimal.lora import add_lora, lora_layers
+    from flux_minimal.lora_files import official_state_dict
+    with torch.device("meta"):
+        twin = Flux(flux.params)
+    add_lora(twin, rank=rank, experts=experts)
     g = torch.Generator().manual_seed(seed)
-    moe = set(expand_targets(flux, MOE_TARGETS)) if experts else set()
-    out = {}
-    for name in expand_targets(flux, OFFICIAL_TARGETS):
-        t = diffusers_target(name)
-        layer = flux.get_submodule(t.module)
-        start, end = part_rows(layer, t.n_parts, flux.params.hidden_size)[t.part]
-        n_in, n_out = layer.in_features, end - start
-
-        def A():
-            return torch.randn(rank, n_in, generator=g) / n_in**0.5
-
-        def B():
-            return torch.randn(n_out, rank, generator=g) * 0.02
-        if name in moe:
-            for e in range(experts):
-                out[f"transformer.{name}.lora_A.expert_{e}.weight"] = A()
-                out[f"transformer.{name}.lora_B.expert_{e}.weight"] = B()
-            out[f"transformer.{name}.lora_route.weight"] = torch.randn(experts, n_in, generator=g) / n_in**0.5
-        else:
-            out[f"transformer.{name}.lora_A.weight"], out[f"transformer.{name}.lora_B.weight"] = A(), B()
-    save_file(out, str(path))
+    for layer in lora_layers(twin).values():
+        n_in = layer.in_features
+        for table, std in ((layer.lora_A, n_in**-0.5), (layer.lora_B, 0.02)):
+            for k, p in table.items():
+                table[k] = torch.nn.Parameter(torch.randn(p.shape, generator=g) * std)
+        if getattr(layer, "lora_route", None) is not None:
+            layer.lora_route = torch.nn.Parameter(torch.randn(layer.lora_route.shape, generator=g) * n_in**-0.5)
+    save_file({k: v.contiguous() for k, v in official_state_dict(twin).items()}, str(path))
     return path
 
 
