@@ -23,6 +23,7 @@ from flux_minimal.timing import timed
 from flux_minimal.t5 import T5EncoderModel as OurT5
 from flux_minimal.vae import AutoEncoder
 from infer.fast import GraphedDenoiser
+from infer.options import EDIT
 
 
 def diffusers_vae_config(p: AutoEncoderParams) -> dict:
@@ -216,7 +217,7 @@ def run_ours(m: Models, x: Inputs, steps: int, dev, graphed: GraphedDenoiser | N
         def edit():
             cond = Conditioning.of(txt, vec, fill_conditioning(m.vae, x.image, x.mask), H, W)
             state = DenoiseState(pack(x.noise).to(dev), get_schedule(steps, (H // 16) * (W // 16)))
-            return (graphed.denoise if graphed else partial(denoise, m.flux))(state, cond, 50.0)
+            return (graphed.denoise if graphed else partial(denoise, m.flux))(state, cond, EDIT.guidance)
         state, t_den = timed(edit, dev)
         _, t_dec = timed(lambda: m.vae.decode(unpack(state.x, H, W)), dev)
     return {"text": t_text, "denoise": t_den, "decode": t_dec}, state.x
@@ -228,7 +229,7 @@ def run_reference(m: Models, pipe, x: Inputs, p: Preset, steps: int, dev, dtype)
     with torch.no_grad():
         (pe, pooled), t_text = timed(lambda: (m.t5(x.ids_t5)[0], m.clip(x.ids_clip).pooler_output), dev)
         kw = dict(prompt_embeds=pe, pooled_prompt_embeds=pooled, image=(x.image + 1) / 2, mask_image=x.mask,
-                  height=H, width=W, guidance_scale=50.0, latents=pack(x.noise).to(dev, dtype), output_type="latent")
+                  height=H, width=W, guidance_scale=EDIT.guidance, latents=pack(x.noise).to(dev, dtype), output_type="latent")
         lat, t_den = timed(lambda: pipe(num_inference_steps=steps, **kw).images, dev)
         z = unpack(lat.float(), H, W) / p.ae.scale_factor + p.ae.shift_factor
         vae_dtype = next(m.vae.parameters()).dtype

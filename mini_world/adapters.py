@@ -204,6 +204,10 @@ def plot_curve(run: Path, png: Path) -> None:
               + f" | {100 * q['mean']:.0f}% | {q['readme']}/{README_SEEDS} |")
 
 
+class _Stop(Exception):
+    """--hours is spent: leave the loop after its checkpoint."""
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.plot:
@@ -271,10 +275,6 @@ def main(argv=None) -> int:
     except _Stop:
         log(f"stopped after --hours {args.hours} at step {loop.step} ({loop.seconds / 3600:.2f} h trained in all)")
     return 0
-
-
-class _Stop(Exception):
-    pass
 
 
 if __name__ == "__main__":

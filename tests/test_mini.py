@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from flux_minimal.sampling import image_ids
 
 from infer.pipeline import ICEditPipeline
 from mini_world import world
-from mini_world.recipe import EXAMPLES, STAGES, main as mini_main
+from mini_world.recipe import STAGES, main as mini_main
 from mini_world.check import check_edit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,10 +58,9 @@ def test_readme_first_command(tmp_path):
     assert seconds < 60, seconds
     img = Image.open(out)
     assert img.size == (64, 64) and img.text["instruction"] == "turn the red circle blue"
-    scene, instruction = EXAMPLES[0]
-    target = world.Scene(scene.background, (replace(scene.objects[0], color="blue"), *scene.objects[1:]))
-    record = world.EditRecord("color", instruction, scene, target, obj=0, new_obj=0, params={"color": "blue"})
-    score = check_edit(record, Image.open(REPO / "examples/mini/scene_01.png").convert("RGB"), img.convert("RGB"))
+    from mini_world.adapters import readme_example
+    score = check_edit(readme_example().record, Image.open(REPO / "examples/mini/scene_01.png").convert("RGB"),
+                       img.convert("RGB"))
     assert score.preserve_mae <= 0.08, score
 
 
