@@ -163,22 +163,47 @@ def memory_table() -> None:
 
 def gpu_edit(steps: int) -> None:
     """Random real-shape weights on the GPU: one edit in bf16, then the same DiT quantized in place."""
-    from flux_bench.common import bench_preset, make_inputs, our_models, run_ours
-    dev = torch.device("cuda")
-    p = bench_preset("real")
-    m = our_models(p, dev, torch.bfloat16, vae_dtype=torch.bfloat16)
-    x = make_inputs(p, 512, dev)
+    r = fp8_edit(torch.device("cuda"), "real", 512, steps, torch.bfloat16)
     for mode in ("bf16", "fp8"):
+        print(f"GPU real shape, {mode}: {r[mode]['seconds']:.2f} s per edit ({steps} steps), peak "
+              f"{r[mode]['peak_gb']:.1f} GB")
+    print(f"FP8 edit against the bf16 edit: PSNR {r['psnr_db']:.1f} dB")
+
+
+def fp8_edit(dev: torch.device, preset: str, width: int, steps: int, dtype: torch.dtype) -> dict:
+    """One edit of random weights in `dtype`, then the same DiT and T5 quantized in place and the
+    edit again: {mode: {"seconds", "peak_gb"}, "psnr_db": the FP8 image against the `dtype` one}.
+    Peak memory: torch's allocator on a GPU (None on a CPU)."""
+    from flux_bench.common import bench_preset, make_inputs, our_models, run_ours
+    from flux_minimal.sampling import unpack
+    from flux_minimal.timing import sync
+    cuda = dev.type == "cuda"
+    p = bench_preset(preset)
+    m = our_models(p, dev, dtype, vae_dtype=dtype)
+    x = make_inputs(p, width, dev)
+    H, W = x.image.shape[-2:]
+    out, images = {}, {}
+    for mode in ("bf16" if dtype == torch.bfloat16 else "fp32", "fp8"):
         if mode == "fp8":
             quantize_linears(m.flux)
             quantize_linears(m.t5)
-            torch.cuda.empty_cache()
-        run_ours(m, x, 2, dev, None)
-        torch.cuda.reset_peak_memory_stats(dev)
+            if cuda:
+                torch.cuda.empty_cache()
+        run_ours(m, x, min(steps, 2), dev, None)  # warm-up
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(dev)
+        sync(dev)
         t0 = time.perf_counter()
-        run_ours(m, x, steps, dev, None)
-        print(f"GPU real shape, {mode}: {time.perf_counter() - t0:.2f} s per edit ({steps} steps), peak "
-              f"{torch.cuda.max_memory_allocated(dev) / GB:.1f} GB")
+        _, lat = run_ours(m, x, steps, dev, None)
+        sync(dev)
+        out[mode] = {"seconds": time.perf_counter() - t0,
+                     "peak_gb": torch.cuda.max_memory_allocated(dev) / GB if cuda else None}
+        with torch.no_grad():
+            img = m.vae.decode(unpack(lat.to(dtype), H, W)).float().clamp(-1, 1)
+        images[mode] = ((img + 1) / 2).cpu().numpy()
+    a, b = images.values()
+    out["psnr_db"] = psnr(a, b)
+    return out
 
 
 def main(argv=None) -> int:

@@ -66,20 +66,27 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def bench_case(c: Case, backward: bool, device: str = "cuda") -> bool:
-    """Validate, then time; returns False if a variant disagrees with the reference."""
+def do_bench_ms(fn) -> float:
+    """Median milliseconds per call on the GPU (triton.testing.do_bench: warm-up, L2 flushed)."""
     import triton.testing
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
+
+def bench_case(c: Case, backward: bool, device: str = "cuda", clock=do_bench_ms, verbose: bool = True) -> dict:
+    """Validate, then time. Returns {"ok": every variant agrees with the reference, "errors": the
+    worst relative error per variant, "ms": milliseconds per variant}; prints them when verbose."""
     from flux_kernels.lora_moe import lora_moe_linear_ref, lora_moe_linear_triton
 
-    x, w, b, a, bb, r = make_inputs(c, device, torch.bfloat16, grad=backward)
+    say = print if verbose else (lambda *a, **k: None)
+    dtype = torch.bfloat16 if device != "cpu" else torch.float32  # the interpreter: fp32
+    x, w, b, a, bb, r = make_inputs(c, device, dtype, grad=backward)
     variants = {
         "base (cuBLAS)": lambda: F.linear(x, w, b),
         "reference": lambda: lora_moe_linear_ref(x, w, b, a, bb, r),
         "triton": lambda: lora_moe_linear_triton(x, w, b, a, bb, r, fuse_base=False),
         "fused GEMM": lambda: lora_moe_linear_triton(x, w, b, a, bb, r, fuse_base=True),
     }
-    dy = torch.randn(c.tokens, c.n, device=device, dtype=torch.bfloat16)
+    dy = torch.randn(c.tokens, c.n, device=device, dtype=dtype)
     if backward:
         fwd = dict(variants)
         wrt = {"base (cuBLAS)": [x]}
@@ -87,34 +94,28 @@ def bench_case(c: Case, backward: bool, device: str = "cuda") -> bool:
             f(), wrt.get(name, [x, a, bb]), dy)) for name, f in fwd.items()}
 
     # validate first: same routing by construction, so only rounding separates the outputs
-    ref, all_ok = variants["reference"](), True
+    ref, errors = variants["reference"](), {}
     for name in ("triton", "fused GEMM"):
         got = variants[name]()
-        errs = [rel_err(g_, r_) for g_, r_ in zip(
-            got if backward else [got], ref if backward else [ref])]
-        worst = max(errs)
-        status = "ok" if worst < 2e-2 else "MISMATCH"
-        all_ok &= worst < 2e-2
-        print(f"  check {name:<11} vs reference: max rel err {worst:.2e} {status}")
+        errors[name] = max(rel_err(g_, r_) for g_, r_ in zip(got if backward else [got], ref if backward else [ref]))
+        say(f"  check {name:<11} vs reference: max rel err {errors[name]:.2e} "
+            f"{'ok' if errors[name] < 2e-2 else 'MISMATCH'}")
     del ref
 
     base_flop, moe_flop = flops(c, backward)
-    times = {name: triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median")
-             for name, f in variants.items()}
+    times = {name: clock(f) for name, f in variants.items()}
     t_base, t_ref = times["base (cuBLAS)"], times["reference"]
-    print(f"  {'variant':<14} {'ms':>8} {'TFLOP/s':>8} {'x base':>7} {'ref / this':>10} "
-          f"{'LoRA-MoE overhead':>18}")
+    say(f"  {'variant':<14} {'ms':>8} {'TFLOP/s':>8} {'x base':>7} {'ref / this':>10} {'LoRA-MoE overhead':>18}")
     for name, ms in times.items():
         fl = base_flop if name.startswith("base") else moe_flop
         over = "" if name.startswith("base") else f"{(ms - t_base) * 1e3:8.1f} us"
-        print(f"  {name:<14} {ms:8.3f} {fl / ms / 1e9:8.1f} {ms / t_base:7.3f} {t_ref / ms:10.2f} "
-              f"{over:>18}")
+        say(f"  {name:<14} {ms:8.3f} {fl / ms / 1e9:8.1f} {ms / t_base:7.3f} {t_ref / ms:10.2f} {over:>18}")
     for name in ("triton", "fused GEMM"):
         lora = (times[name] - t_base) / (t_ref - t_base) if t_ref > t_base else float("nan")
-        print(f"  {name}: {times[name] / t_base:.3f}x base (goal <= 1.10), "
-              f"{t_ref / times[name]:.2f}x faster than the reference overall, its LoRA-MoE part "
-              f"costs {lora:.2f}x the reference's")
-    return all_ok
+        say(f"  {name}: {times[name] / t_base:.3f}x base (goal <= 1.10), "
+            f"{t_ref / times[name]:.2f}x faster than the reference overall, its LoRA-MoE part "
+            f"costs {lora:.2f}x the reference's")
+    return {"ok": all(e < 2e-2 for e in errors.values()), "errors": errors, "ms": times}
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -123,11 +124,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def compile_only(arch: int, dtypes: list[str]) -> None:
     """Compile every kernel launch of a forward + backward for CUDA `arch`, without a GPU."""
     os.environ.pop("TRITON_INTERPRET", None)
-    from triton._C.libtriton import native_specialize_impl
-    from triton.backends.compiler import BaseBackend, GPUTarget
-    from triton.compiler import ASTSource
-    from triton.compiler import compile as triton_compile
-
     import flux_kernels.lora_moe as lm
 
     launches = []
@@ -144,16 +140,31 @@ def compile_only(arch: int, dtypes: list[str]) -> None:
     for k in kernels:
         setattr(lm, k, Recorder(saved[k]))
     try:  # the host code runs on CPU tensors; only the launches matter (with CUDA block sizes)
-        for dtype in (DTYPES[d] for d in dtypes):
-            for rank in (32, 4):  # 4: the rank is padded to the 16 that tl.dot needs
-                c = Case(tokens=300, k=512, n=384, rank=rank)
-                for fuse in (False, True):
-                    x, w, b, a, bb, r = make_inputs(c, "cpu", dtype, grad=True)
-                    y = lm.lora_moe_linear_triton(x, w, b, a, bb, r, fuse_base=fuse)
-                    torch.autograd.grad(y, [x, a, bb, r], torch.ones_like(y))
+        with lm.use_blocks(lm.Blocks()):  # the untuned CUDA defaults (a CPU tensor would get the interpreter's)
+            launch_all(lm, dtypes)
     finally:
         for k in kernels:
             setattr(lm, k, saved[k])
+    compile_launches(launches, arch)
+
+
+def launch_all(lm, dtypes: list[str]) -> None:
+    """Run the host code of every kind of launch: forward + backward, fused or not, two ranks."""
+    for dtype in (DTYPES[d] for d in dtypes):
+        for rank in (32, 4):  # 4: the rank is padded to the 16 that tl.dot needs
+            c = Case(tokens=300, k=512, n=384, rank=rank)
+            for fuse in (False, True):
+                x, w, b, a, bb, r = make_inputs(c, "cpu", dtype, grad=True)
+                y = lm.lora_moe_linear_triton(x, w, b, a, bb, r, fuse_base=fuse)
+                torch.autograd.grad(y, [x, a, bb, r], torch.ones_like(y))
+
+
+def compile_launches(launches: list, arch: int) -> None:
+    """Compile each distinct recorded launch for sm_ARCH and print what its PTX uses."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler import compile as triton_compile
 
     target, seen = GPUTarget("cuda", arch, 32), set()
     opt_names = ("num_warps", "num_stages")
@@ -217,7 +228,7 @@ def main() -> None:
             for k in args.k:
                 c = Case(tokens, k, args.n, args.experts, args.rank)
                 print(f"\nT={c.tokens} K={c.k} N={c.n} E={c.experts} r={c.rank}")
-                all_ok &= bench_case(c, backward)
+                all_ok &= bench_case(c, backward)["ok"]
                 torch.cuda.empty_cache()
     if not all_ok:
         sys.exit("MISMATCH: a Triton variant disagrees with the reference (see the checks above)")

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import flux_minimal.ops as ops
@@ -43,7 +44,8 @@ from flux_minimal.lora_files import load_lora
 from flux_minimal.moe import LoRAMoELinear
 from flux_minimal.timing import timed
 from flux_minimal.mmdit import MLPEmbedder, Modulation, RMSNorm
-from flux_bench.common import bench_preset, lora_path, make_inputs, our_models, run_ours, shape_args, shape_defaults
+from flux_bench.common import (Inputs, Models, bench_preset, lora_path, make_inputs, our_models, run_ours, shape_args,
+                               shape_defaults)
 from infer.fast import compile_blocks
 
 KINDS = ("attention", "linears", "modulation", "norms, RoPE", "LoRA-MoE", "VAE", "text encoders")
@@ -156,14 +158,28 @@ def labelled_ops(kinds: Kinds):
 
 
 def event_time(e, cuda: bool) -> float:
-    """Microseconds: device time (kernels launched inside, children included) on a GPU, else CPU time."""
-    return (e.device_time_total if cuda else e.cpu_time_total)
+    """Microseconds of a host-side event: on a GPU the device time of the kernels launched inside it
+    (its children's included), else its CPU time."""
+    return e.device_time_total if cuda else e.cpu_time_total
 
 
-def kind_table(prof, kinds: Kinds, cuda: bool, total_us: float) -> list[str]:
+def host_side(e) -> bool:
+    """An event of the host's timeline: an op or a range as the CPU saw it. On CUDA, each
+    record_function range has a second, device-side twin (a user annotation spanning its kernels):
+    adding both would count each kind twice."""
+    return e.device_type == DeviceType.CPU
+
+
+def is_kernel(e) -> bool:
+    """A kernel (or memcpy / memset) on the device's timeline, not a user annotation."""
+    return e.device_type != DeviceType.CPU and not e.is_user_annotation
+
+
+def kind_table(events, kinds: Kinds, cuda: bool, total_us: float) -> list[str]:
+    """events: `prof.key_averages()`; each kind's time from its host-side range only."""
     spent = defaultdict(float)
-    for e in prof.key_averages():
-        if e.key.startswith(LABEL):
+    for e in events:
+        if host_side(e) and e.key.startswith(LABEL):
             spent[e.key[len(LABEL):]] += event_time(e, cuda)
     rows = ["| kind | ms | share | GFLOP | TFLOP/s |", "| --- | ---: | ---: | ---: | ---: |"]
     for k in KINDS:
@@ -177,15 +193,24 @@ def kind_table(prof, kinds: Kinds, cuda: bool, total_us: float) -> list[str]:
     return rows
 
 
-def kernel_table(prof, cuda: bool, top: int) -> list[str]:
-    evs = [e for e in prof.key_averages() if not e.key.startswith(LABEL) and e.key != "edit"]
-    key = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
-    evs = sorted((e for e in evs if key(e) > 0), key=key, reverse=True)[:top]
-    total = sum(key(e) for e in prof.key_averages() if not e.key.startswith(LABEL) and e.key != "edit") or 1.0
+def kernel_table(events, cuda: bool, top: int) -> list[str]:
+    """events: `prof.key_averages()`. On a GPU the kernels themselves (an aten op's self device time
+    is its kernels' again); on a CPU the ops, by self CPU time, without our ranges."""
+    if cuda:
+        evs, key = [e for e in events if is_kernel(e)], (lambda e: e.device_time_total)
+    else:
+        evs = [e for e in events if host_side(e) and not e.key.startswith(LABEL) and e.key != "edit"]
+        key = lambda e: e.self_cpu_time_total  # noqa: E731
+    total = sum(key(e) for e in evs) or 1.0
     rows = ["| kernel / op | calls | ms (self) | share |", "| --- | ---: | ---: | ---: |"]
-    for e in evs:
+    for e in sorted((e for e in evs if key(e) > 0), key=key, reverse=True)[:top]:
         rows.append(f"| `{e.key[:90]}` | {e.count} | {key(e) / 1e3:.1f} | {100 * key(e) / total:.1f}% |")
     return rows
+
+
+def edit_time(events, cuda: bool) -> float:
+    """Microseconds of the whole profiled edit (its host-side range)."""
+    return event_time(next(e for e in events if host_side(e) and e.key == "edit"), cuda)
 
 
 def attention_kernels(prof) -> list[str]:
@@ -234,6 +259,30 @@ def moe_vs_base(flux: nn.Module, tokens: dict[int, int], dev, repeat: int) -> li
     return rows
 
 
+def profile_edit(m: Models, x: Inputs, steps: int, dev: torch.device, hooks: bool = True,
+                 trace: Path | None = None, top: int = 15) -> dict[str, list[str]]:
+    """One edit of warmed-up models under torch.profiler -> {"kinds": the kind table (hooks only:
+    compiled blocks hide their insides), "kernels": the top kernels (ops on a CPU), "attention":
+    what ran as attention}; the Chrome trace to `trace`."""
+    cuda = dev.type == "cuda"
+    kinds = Kinds()
+    if hooks:
+        watch_models(kinds, m.flux, m.vae, [m.t5, m.clip])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    try:
+        with labelled_ops(kinds) if hooks else nullcontext():
+            with profile(activities=activities, record_shapes=False) as prof:
+                with record_function("edit"):
+                    run_ours(m, x, steps, dev, None)
+    finally:
+        kinds.close()
+    if trace is not None:
+        prof.export_chrome_trace(str(trace))
+    events = prof.key_averages()
+    return {"kinds": kind_table(events, kinds, cuda, edit_time(events, cuda)) if hooks else [],
+            "kernels": kernel_table(events, cuda, top), "attention": attention_kernels(prof)}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m flux_bench.profile", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -264,29 +313,18 @@ def main(argv=None) -> int:
     if args.compile:
         compile_blocks(m.flux)
     x = make_inputs(p, args.width, dev)
-    kinds = Kinds()
     print(f"{args.preset}: DiT {p.flux.depth} + {p.flux.depth_single_blocks} blocks of width {p.flux.hidden_size}, "
           f"diptych {2 * args.width}x{args.width}, {args.steps} steps, {args.dtype}, {dev}"
           + (f", LoRA {args.lora}" if args.lora else "") + (", compiled" if args.compile else ""))
     run_ours(m, x, args.steps, dev, None)  # warm-up (and compilation)
-    if not args.compile:
-        watch_models(kinds, m.flux, m.vae, [m.t5, m.clip])
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with labelled_ops(kinds) if not args.compile else nullcontext():
-        with profile(activities=activities, record_shapes=False) as prof:
-            with record_function("edit"):
-                run_ours(m, x, args.steps, dev, None)
-    kinds.close()
-    edit = next(e for e in prof.key_averages() if e.key == "edit")
-    total_us = event_time(edit, cuda) if cuda else edit.cpu_time_total
-    prof.export_chrome_trace(str(args.trace))
+    tables = profile_edit(m, x, args.steps, dev, hooks=not args.compile, trace=args.trace, top=args.top)
     clock = "device" if cuda else "CPU"
     if not args.compile:
         print(f"\nby kind of work ({clock} time of one edit; {args.steps} denoising steps):")
-        print("\n".join(kind_table(prof, kinds, cuda, total_us)))
-    print(f"\ntop kernels ({clock} self time):")
-    print("\n".join(kernel_table(prof, cuda, args.top)))
-    print(f"\nattention ran as: {', '.join(attention_kernels(prof)) or 'not found'} (backend {args.attention})")
+        print("\n".join(tables["kinds"]))
+    print(f"\ntop {'kernels' if cuda else 'ops'} ({clock} self time):")
+    print("\n".join(tables["kernels"]))
+    print(f"\nattention ran as: {', '.join(tables['attention']) or 'not found'} (backend {args.attention})")
     L = (args.width // 16) * (2 * args.width // 16)
     moe = moe_vs_base(m.flux, {p.flux.hidden_size * 4: L, p.flux.hidden_size * 5: L + 512}, dev, 3 if cuda else 1)
     if len(moe) > 2:

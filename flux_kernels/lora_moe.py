@@ -53,14 +53,20 @@ All of x, W, b, A, B, R must share one dtype: fp32, bf16 or fp16.
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from flux_kernels.launch import on_device
 
 FUSE_BASE_GEMM = False  # default for the Triton path: cuBLAS base GEMM + Triton LoRA epilogue
 
@@ -291,7 +297,7 @@ def _lora_wgrad_kernel(
 
 
 @dataclass(frozen=True)
-class _Blocks:
+class Blocks:
     t: int = 64          # tokens per tile (shared by the down and up kernels: one tile table)
     d_down: int = 128    # reduction block of the down kernel
     o: int = 128         # output columns per program of the up kernel
@@ -303,14 +309,42 @@ class _Blocks:
     num_stages: int = 3
 
 
-# Fixed, untuned starting points (no GPU was available when this was written). The interpreter
-# gets 16 and 32 (tl.dot needs >= 16), so that the tests' tiny shapes still loop, split and mask.
-_CUDA_BLOCKS = _Blocks()
-_INTERPRET_BLOCKS = _Blocks(t=16, d_down=32, o=32, d_base=16, wg_a=16, wg_b=32, wg_t=16)
+# Untuned starting points for CUDA (used until flux_bench/gpu_check.py has tuned this GPU model and
+# written its choice into TUNED, keyed by torch.cuda.get_device_name). The interpreter gets 16 and
+# 32 (tl.dot needs >= 16), so that the tests' tiny shapes still loop, split and mask.
+_CUDA_BLOCKS = Blocks()
+_INTERPRET_BLOCKS = Blocks(t=16, d_down=32, o=32, d_base=16, wg_a=16, wg_b=32, wg_t=16)
+TUNED = Path(__file__).with_name("lora_moe_tuned.json")  # {device name: {field of Blocks: value}}
+_forced: Blocks | None = None  # use_blocks(...): what an autotune is timing
 
 
-def _blocks() -> _Blocks:
-    return _INTERPRET_BLOCKS if _interpreting() else _CUDA_BLOCKS
+@functools.lru_cache(maxsize=None)
+def tuned_blocks(device_name: str, path: Path = TUNED) -> Blocks | None:
+    """The blocks tuned for this GPU model, if `path` has them (read once per process: call
+    tuned_blocks.cache_clear() after writing it)."""
+    if not path.is_file():
+        return None
+    entry = json.loads(path.read_text()).get(device_name)
+    return None if entry is None else Blocks(**entry)
+
+
+def _blocks(device: torch.device) -> Blocks:
+    if _forced is not None:
+        return _forced
+    if _interpreting() or device.type != "cuda":
+        return _INTERPRET_BLOCKS
+    return tuned_blocks(torch.cuda.get_device_name(device)) or _CUDA_BLOCKS
+
+
+@contextmanager
+def use_blocks(blocks: Blocks):
+    """Launch every kernel with `blocks` inside the context (an autotune's candidates)."""
+    global _forced
+    saved, _forced = _forced, blocks
+    try:
+        yield
+    finally:
+        _forced = saved
 
 
 def _num_splits(programs: int, max_splits: int, device: torch.device) -> int:
@@ -331,7 +365,7 @@ def _block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def _launch_opts(bl: _Blocks) -> dict:
+def _launch_opts(bl: Blocks) -> dict:
     return dict(num_warps=bl.num_warps, num_stages=bl.num_stages)
 
 
@@ -339,20 +373,21 @@ def _down(inp: Tensor, w: Tensor, g: _Groups) -> Tensor:
     """out[t] = w[e_t] @ inp[t] for inp (T, D), w (E, R, D) (any strides) -> (T, R) in inp.dtype."""
     T, D = inp.shape
     R = w.shape[1]
-    bl = _blocks()
+    bl = _blocks(inp.device)
     n_tiles = g.tile_expert.shape[0]
     splits = _num_splits(n_tiles, triton.cdiv(D, bl.d_down), inp.device)
     d_per_split = triton.cdiv(triton.cdiv(D, splits), bl.d_down) * bl.d_down
     splits = triton.cdiv(D, d_per_split)
     part = torch.empty(splits, T, R, device=inp.device, dtype=torch.float32)  # every row written
-    _lora_down_kernel[(n_tiles, splits)](
-        inp, inp.stride(0), inp.stride(1),
-        w, w.stride(0), w.stride(1), w.stride(2),
-        part, part.stride(0), part.stride(1),
-        g.order, g.tile_expert, g.tile_start, g.tile_end,
-        D, R, d_per_split,
-        BLOCK_T=g.block_t, BLOCK_D=bl.d_down, BLOCK_R=_block_r(R),
-        UPCAST=_interpreting(), PRECISION=_precision(inp.dtype), **_launch_opts(bl))
+    with on_device(inp):
+        _lora_down_kernel[(n_tiles, splits)](
+            inp, inp.stride(0), inp.stride(1),
+            w, w.stride(0), w.stride(1), w.stride(2),
+            part, part.stride(0), part.stride(1),
+            g.order, g.tile_expert, g.tile_start, g.tile_end,
+            D, R, d_per_split,
+            BLOCK_T=g.block_t, BLOCK_D=bl.d_down, BLOCK_R=_block_r(R),
+            UPCAST=_interpreting(), PRECISION=_precision(inp.dtype), **_launch_opts(bl))
     return part.sum(0).to(inp.dtype) if splits > 1 else part[0].to(inp.dtype)
 
 
@@ -362,32 +397,33 @@ def _up(h: Tensor, u: Tensor, g: _Groups, scale: float, out: Tensor | None = Non
     or with base = (inp (T, D), wb (D, O), bias (O,) or None): out = inp @ wb + bias + LoRA."""
     T, R = h.shape
     O = u.shape[2]
-    bl = _blocks()
+    bl = _blocks(h.device)
     if base is not None:
         inp, wb, bias = base
         out = torch.empty(T, O, device=h.device, dtype=h.dtype)
     else:
         inp, wb, bias = out, out.t(), None  # unused placeholders (HAS_BASE=False)
     n_tiles = g.tile_expert.shape[0]
-    _lora_up_kernel[(triton.cdiv(O, bl.o), n_tiles)](
-        h, h.stride(0), h.stride(1),
-        u, u.stride(0), u.stride(1), u.stride(2),
-        out, out.stride(0), out.stride(1),
-        inp, inp.stride(0), inp.stride(1),
-        wb, wb.stride(0), wb.stride(1),
-        bias if bias is not None else out,
-        g.order, g.tile_expert, g.tile_start, g.tile_end,
-        O, R, inp.shape[1], float(scale),
-        BLOCK_T=g.block_t, BLOCK_O=bl.o, BLOCK_R=_block_r(R), BLOCK_D=bl.d_base,
-        HAS_BASE=base is not None, HAS_BIAS=bias is not None,
-        UPCAST=_interpreting(), PRECISION=_precision(h.dtype), **_launch_opts(bl))
+    with on_device(h):
+        _lora_up_kernel[(triton.cdiv(O, bl.o), n_tiles)](
+            h, h.stride(0), h.stride(1),
+            u, u.stride(0), u.stride(1), u.stride(2),
+            out, out.stride(0), out.stride(1),
+            inp, inp.stride(0), inp.stride(1),
+            wb, wb.stride(0), wb.stride(1),
+            bias if bias is not None else out,
+            g.order, g.tile_expert, g.tile_start, g.tile_end,
+            O, R, inp.shape[1], float(scale),
+            BLOCK_T=g.block_t, BLOCK_O=bl.o, BLOCK_R=_block_r(R), BLOCK_D=bl.d_base,
+            HAS_BASE=base is not None, HAS_BIAS=bias is not None,
+            UPCAST=_interpreting(), PRECISION=_precision(h.dtype), **_launch_opts(bl))
     return out
 
 
 def _wgrad(p: Tensor, q: Tensor, g: _Groups, scale: float, num_experts: int) -> Tensor:
     """out[e] = scale * sum_{t of e} p[t] q[t]^T for p (T, DA), q (T, DB) -> (E, DA, DB)."""
     DA, DB, E = p.shape[1], q.shape[1], num_experts
-    bl = _blocks()
+    bl = _blocks(p.device)
     block_a, block_b = bl.wg_a, bl.wg_b
     if DA < DB:  # the rank side gets the small block: (r, K) for dA, (N, r) for dB
         block_a = _block_r(DA) if DA <= 64 else block_a
@@ -397,14 +433,15 @@ def _wgrad(p: Tensor, q: Tensor, g: _Groups, scale: float, num_experts: int) -> 
     max_splits = triton.cdiv(p.shape[0], bl.wg_t * E) if p.shape[0] else 1
     splits = _num_splits(programs * E, min(8, max(1, max_splits)), p.device)
     part = torch.empty(splits, E, DA, DB, device=p.device, dtype=torch.float32)
-    _lora_wgrad_kernel[(programs, E, splits)](
-        p, p.stride(0), p.stride(1),
-        q, q.stride(0), q.stride(1),
-        part, part.stride(0), part.stride(1), part.stride(2),
-        g.order, g.seg_start, g.seg_end,
-        DA, DB, splits, float(scale),
-        BLOCK_T=bl.wg_t, BLOCK_A=block_a, BLOCK_B=block_b,
-        UPCAST=_interpreting(), PRECISION=_precision(p.dtype), **_launch_opts(bl))
+    with on_device(p):
+        _lora_wgrad_kernel[(programs, E, splits)](
+            p, p.stride(0), p.stride(1),
+            q, q.stride(0), q.stride(1),
+            part, part.stride(0), part.stride(1), part.stride(2),
+            g.order, g.seg_start, g.seg_end,
+            DA, DB, splits, float(scale),
+            BLOCK_T=bl.wg_t, BLOCK_A=block_a, BLOCK_B=block_b,
+            UPCAST=_interpreting(), PRECISION=_precision(p.dtype), **_launch_opts(bl))
     return part.sum(0).to(p.dtype) if splits > 1 else part[0].to(p.dtype)
 
 
@@ -417,7 +454,7 @@ class LoRAMoELinearFunction(torch.autograd.Function):
         E = lora_A.shape[0]
         with torch.no_grad():
             expert = route(x, router)[1][:, 0]  # (T,) the reference's decision, same call
-        g = _group_by_expert(expert, E, _blocks().t)
+        g = _group_by_expert(expert, E, _blocks(x.device).t)
         h = _down(x, lora_A, g)  # (T, r) = A_e x
         if fuse_base:
             y = _up(h, lora_B.transpose(1, 2), g, scale, base=(x, weight.t(), bias))
@@ -504,7 +541,7 @@ def _add_lora_moe(x: Tensor, base_out: Tensor, lora_A: Tensor, lora_B: Tensor, r
         return base_out
     expert = route(x2, router)[1][:, 0]
     if x.is_cuda or _interpreting():
-        g = _group_by_expert(expert, lora_A.shape[0], _blocks().t)
+        g = _group_by_expert(expert, lora_A.shape[0], _blocks(x.device).t)
         _up(_down(x2, lora_A, g), lora_B.transpose(1, 2), g, scale, out=y)
     else:  # each expert on its own tokens (a host sync per expert: the CPU path)
         for e in range(lora_A.shape[0]):

@@ -8,9 +8,10 @@ error of ~2^-4 per weight at worst, averaging out over the K terms of each dot p
 
 How a layer computes (`fp8_linear`):
 - CUDA with compute capability >= 8.9 (Ada, Hopper): `torch._scaled_mm`, the tensor cores' FP8 GEMM,
-  with the activations quantized per row (s_x = max |x_row| / 448) and the weights' per-channel
-  scales; out in the activations' dtype. Rowwise scaling needs a recent torch and GPU: if the
-  first call fails, the layer says why once and dequantizes from then on.
+  with the activations quantized per row (s_x = max |x_row| / 448) in one Triton pass
+  (flux_kernels/fp8_rows.py) and the weights' per-channel scales; out in the activations' dtype.
+  Rowwise scaling needs a recent torch and GPU: if the first call fails, the layer says why once
+  and dequantizes from then on (an out-of-memory error is raised as it is, not taken for that).
 - Elsewhere (CPU, older GPUs): the weight is dequantized to the activations' dtype for the call
   (one layer at a time; the model stays in FP8).
 
@@ -63,11 +64,15 @@ def fp8_linear(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None) -> Tens
     global _scaled_mm_failed
     if scaled_mm_ok(x, q):
         x2 = x.reshape(-1, x.shape[-1])
-        sx = (x2.abs().amax(dim=1, keepdim=True).float() / E4M3_MAX).clamp(min=1e-12)  # [T, 1]
-        xq = (x2.float() / sx).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
+        if x2.stride(1) != 1:
+            x2 = x2.contiguous()
+        from flux_kernels.fp8_rows import quantize_rows  # Triton is imported only where the FP8 GEMM runs
+        xq, sx = quantize_rows(x2)  # [T, K] e4m3, [T, 1] float32: one fused pass
         try:
             y = torch._scaled_mm(xq, q.t(), scale_a=sx, scale_b=scale[None, :], bias=bias, out_dtype=x.dtype)
             return y.reshape(*x.shape[:-1], q.shape[0])
+        except torch.OutOfMemoryError:
+            raise  # transient, and the dequantizing fallback would need more memory, not less
         except RuntimeError as e:
             _scaled_mm_failed = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             print(f"note: the FP8 GEMM (torch._scaled_mm) cannot run here ({_scaled_mm_failed}); "

@@ -19,6 +19,7 @@ buffers: that is how the tests check it against `sampling.denoise`.
 """
 
 import time
+from collections import OrderedDict
 from dataclasses import replace
 from typing import Callable
 
@@ -29,21 +30,39 @@ from flux_minimal.sampling import Conditioning, DenoiseState, StepInputs, precom
 
 
 def compile_blocks(flux: Flux, **options) -> int:
-    """Compile every block in place (`nn.Module.compile`); returns how many. The first forward pays
-    the compile time (see `first_call_seconds` in the pipeline's report)."""
+    """Compile every block's `forward` in place (torch.compile); returns how many. The first forward
+    pays the compile time (see `first_call_seconds` in the pipeline's report).
+
+    The blocks' `forward`, not the modules (`nn.Module.compile` compiles `_call_impl`, hooks
+    included): with offload="blocks" each block's hooks swap its weights in and out (infer/offload.py),
+    and traced hooks would give one graph per block and hit dynamo's recompile limit. Here the hooks
+    run eagerly around the compiled forward, which sees the weights as graph inputs."""
     blocks = [*flux.double_blocks, *flux.single_blocks]
     for block in blocks:
-        block.compile(**options)
+        block.forward = torch.compile(block.forward, **options)
     return len(blocks)
 
 
 class GraphedDenoiser:
     """`sampling.denoise` for one FLUX on one device, with the step captured as a CUDA graph once per
-    (batch, image tokens, text tokens, steps); eager over the same static buffers on a CPU."""
+    (batch, image tokens, text tokens, steps); eager over the same static buffers on a CPU.
 
-    def __init__(self, flux: Flux):
-        self.flux = flux
-        self.graphs: dict[tuple, "_Captured"] = {}
+    Memory: the captures share one memory pool (nothing a capture allocates outlives it: the static
+    buffers are allocated before), so a graph's activations are reserved once for all of them, and at
+    most `max_graphs` stay captured (least recently used out: the early filter's M-candidate graph
+    does not keep M steps of activations for the life of the process).
+    A graph holds the addresses of the DiT's weights: whoever moves the weights (offload="model"
+    sends the DiT away while the text encoders run) must call `drop()` first."""
+
+    def __init__(self, flux: Flux, max_graphs: int = 2):
+        self.flux, self.max_graphs = flux, max_graphs
+        self.graphs: OrderedDict[tuple, "_Captured"] = OrderedDict()
+        self.pool = None  # torch.cuda.graph_pool_handle(), made at the first capture
+        self.captures = 0
+
+    def drop(self) -> None:
+        """Forget every captured graph (their memory returns to the allocator)."""
+        self.graphs.clear()
 
     @torch.no_grad()
     def denoise(self, state: DenoiseState, cond: Conditioning, guidance: float, stop: int | None = None,
@@ -52,15 +71,22 @@ class GraphedDenoiser:
         B = state.x.shape[0]
         c = cond.expand(B)
         key = (B, state.x.shape[1], c.txt.shape[1], len(state.timesteps), c.img_cond is not None)
-        if key not in self.graphs:
-            self.graphs[key] = _Captured(self.flux, state, c)
+        if key in self.graphs:
+            self.graphs.move_to_end(key)
+        else:
+            while len(self.graphs) >= self.max_graphs:
+                self.graphs.popitem(last=False)
+            if self.pool is None and state.x.is_cuda:
+                self.pool = torch.cuda.graph_pool_handle()
+            self.graphs[key] = _Captured(self.flux, state, c, self.pool)
+            self.captures += 1
         return self.graphs[key].run(state, c, guidance, stop, callback)
 
 
 class _Captured:
     """Static buffers and (on CUDA) the graph of one step over them."""
 
-    def __init__(self, flux: Flux, state: DenoiseState, c: Conditioning):
+    def __init__(self, flux: Flux, state: DenoiseState, c: Conditioning, pool=None):
         self.flux, dev = flux, state.x.device
         self.dtype = flux.compute_dtype
         self.x, self.x0 = state.x.clone(), state.x.clone()  # [B, L, 64] float32
@@ -70,7 +96,7 @@ class _Captured:
         self.i = torch.zeros(1, dtype=torch.int64, device=dev)
         g = torch.zeros(state.x.shape[0], device=dev)
         self.pre = precompute_steps(flux, self.sigmas[:-1], c.vec, g, c.txt_ids, c.img_ids)  # shapes only, for now
-        self.graph = None
+        self.graph, self.pool = None, pool
         self.capture_seconds = 0.0
         if dev.type == "cuda":
             self._capture()
@@ -96,7 +122,7 @@ class _Captured:
                 self._step()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=self.pool):
             self._step()
         self.x.copy_(x)
         torch.cuda.synchronize()

@@ -131,6 +131,8 @@ class ICEditPipeline:
     def encode_text(self, prompts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
         if self._text is None:
             return self.text.encode_prompt(prompts, device=self.device)
+        if self._graphed is not None:  # the graphs hold the DiT's weight addresses, which are about to move
+            self._graphed.drop()
         self._dit.leave()  # one big model on the GPU at a time
         self._text.arrive()
         try:

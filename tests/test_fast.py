@@ -86,6 +86,61 @@ def test_static_buffer_step_is_denoise():
     assert len(graphed.graphs) == 2
 
 
+def test_graphs_are_evicted_least_recently_used():
+    """At most max_graphs shapes stay captured; a shape in use moves to the back of the queue."""
+    flux = tiny_flux(depth=1, single=1)
+    graphed = GraphedDenoiser(flux, max_graphs=2)
+    cond = tiny_cond(flux)
+    for seeds in [(0,), (0, 1), (0,), (0, 1, 2)]:  # batch 1, 2, 1 again (reused), 3: evicts batch 2
+        graphed.denoise(start(seeds=seeds, steps=2), cond, 30.0)
+    assert [key[0] for key in graphed.graphs] == [1, 3] and graphed.captures == 3
+    out = graphed.denoise(start(seeds=(0, 1), steps=2), cond, 30.0)  # captured again, still exact
+    assert rel_err(out.x, denoise(flux, start(seeds=(0, 1), steps=2), cond, 30.0, precompute=False).x) <= 1e-5
+    graphed.drop()
+    assert not graphed.graphs
+
+
+def test_graphs_are_dropped_when_offloading_moves_the_weights(snapshot):
+    """offload="model" sends the DiT away while the text encoders run, so its weights come back at
+    new addresses: every edit must capture afresh (a replayed graph would read freed memory on a
+    GPU). On the CPU the step runs eagerly over the same buffers, so the count is what is checked,
+    and the images against the plain pipeline."""
+    from infer.pipeline import ICEditPipeline
+    from tests.test_pipeline import source_image
+    plain = ICEditPipeline.from_pretrained(snapshot)
+    graphed = ICEditPipeline.from_pretrained(snapshot, offload="model", cuda_graphs=True)
+    src = source_image()
+    for k in range(2):
+        want = plain.edit(src, "x", width=64, steps=2, seed=k, progress=False)
+        got = graphed.edit(src, "x", width=64, steps=2, seed=k, progress=False)
+        assert graphed._graphed.captures == k + 1 and len(graphed._graphed.graphs) == 1
+        assert rel_err(torch.tensor(np.asarray(got), dtype=torch.float32),
+                       torch.tensor(np.asarray(want), dtype=torch.float32)) <= 1e-2  # 8-bit pixels
+    # without offloading the weights stay put: one capture serves every edit
+    kept = ICEditPipeline.from_pretrained(snapshot, cuda_graphs=True)
+    for k in range(2):
+        kept.edit(src, "x", width=64, steps=2, seed=k, progress=False)
+    assert kept._graphed.captures == 1
+
+
+@pytest.mark.slow
+def test_compile_with_streamed_blocks_traces_no_hooks():
+    """offload="blocks" puts weight-swapping hooks on every block: compile_blocks compiles the blocks'
+    forward only, so the hooks stay eager and there is still one graph per kind of block (dynamo's
+    trace only: backend "eager")."""
+    from infer.offload import offload_dit
+    flux = tiny_flux(depth=2, single=3)
+    cond = tiny_cond(flux)
+    eager = denoise(flux, start(steps=2), cond, 50.0)
+    offload_dit(flux, torch.device("cpu"), budget_bytes=0)  # every block streamed (BlockStream hooks)
+    torch._dynamo.reset()
+    counters.clear()
+    compile_blocks(flux, backend="eager")
+    out = denoise(flux, start(steps=2), cond, 50.0)
+    assert rel_err(out.x, eager.x) <= 1e-5
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
+
+
 @pytest.mark.slow
 def test_regional_compile_equals_eager_with_one_graph_per_kind_of_block():
     flux = tiny_flux(depth=2, single=3)
@@ -225,6 +280,46 @@ def test_profile_tables_and_trace(tmp_path, capsys, monkeypatch):
     assert "attention ran as: aten::_scaled_dot_product_attention_math (backend math)" in out
     assert "| 32 x 256 -> 64 |" in out  # the double blocks' ff.net.2 shape, over the image tokens
     assert json.loads(trace.read_text())["traceEvents"]
+
+
+def test_profile_tables_count_a_cuda_recording_once():
+    """On CUDA the profiler records each range twice (the host's range, and a device-side user
+    annotation spanning its kernels) and each kernel both under its aten op and on its own: a
+    recorded event list of that shape, built by hand, must give each kind and kernel its time once."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import EventList, FunctionEvent
+
+    from flux_bench.profile import Kinds, edit_time, kernel_table, kind_table
+    ids = iter(range(100))
+
+    def host(name, start, end, kernels=()):
+        e = FunctionEvent(next(ids), name, thread=1, start_us=start, end_us=end, use_device="cuda", stack=[],
+                          is_user_annotation=not name.startswith("aten::"))  # as the profiler marks ranges
+        for k, us in kernels:
+            e.append_kernel(k, 0, us)
+        return e
+
+    def device(name, start, end, annotation=False):
+        return FunctionEvent(next(ids), name, thread=7, start_us=start, end_us=end, use_device="cuda", stack=[],
+                             device_type=DeviceType.CUDA, is_user_annotation=annotation)
+    mm = host("aten::mm", 10, 20, kernels=[("sm90_gemm", 300)])
+    sdpa = host("aten::_flash_attention_forward", 30, 40, kernels=[("flash_fwd", 500)])
+    add = host("aten::add", 50, 55, kernels=[("elementwise_add", 50)])
+    linears, attention = host("kind: linears", 5, 25), host("kind: attention", 28, 45)
+    recorded = EventList([host("edit", 0, 60), linears, mm, attention, sdpa, add,  # the host nests by time
+                          device("kind: linears", 100, 400, annotation=True), device("sm90_gemm", 100, 400),
+                          device("kind: attention", 400, 900, annotation=True), device("flash_fwd", 400, 900),
+                          device("edit", 100, 950, annotation=True), device("elementwise_add", 900, 950)],
+                         use_device="cuda")
+    recorded._build_tree()  # what the profiler does with what it recorded
+    events = recorded.key_averages()
+    assert edit_time(events, cuda=True) == 850  # the kernels: 300 + 500 + 50
+    rows = {r.split("|")[1].strip(): r.split("|")[2].strip() for r in kind_table(events, Kinds(), True, 850)[2:]}
+    assert rows["linears"] == "0.3" and rows["attention"] == "0.5"  # ms, once each
+    assert rows["other (gates, residuals, GELU, copies, launch gaps)"] == "0.1"  # 50 us, rounded; not negative
+    kernels = kernel_table(events, True, top=10)[2:]
+    assert [r.split("`")[1] for r in kernels] == ["flash_fwd", "sm90_gemm", "elementwise_add"]
+    assert [r.split("|")[3].strip() for r in kernels] == ["0.5", "0.3", "0.1"]  # no aten op counted beside its kernel
 
 
 def test_vae_bf16_error_is_measured(capsys):

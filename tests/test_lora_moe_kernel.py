@@ -240,3 +240,28 @@ def test_compiled_kernels_match_the_reference_on_gpu():
 def test_benchmark_refuses_politely_without_cuda():
     out = _bench("--tokens", "16")
     assert out.returncode != 0 and "needs a CUDA GPU" in out.stderr
+
+
+def test_every_kernel_launch_enters_its_tensors_device():
+    """Triton launches on the current CUDA device: every `kernel[grid](...)` in flux_kernels/ must sit
+    inside `with on_device(tensor):` (a pipeline on cuda:1 would otherwise launch GPU-1 pointers on
+    GPU 0). Checked on the source, since a CPU has no second device to show it."""
+    import ast
+    launches, guarded = 0, 0
+    for path in sorted((REPO / "flux_kernels").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        inside = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.With) and any(
+                    isinstance(i.context_expr, ast.Call) and getattr(i.context_expr.func, "id", "") == "on_device"
+                    for i in node.items):
+                inside.update(id(n) for n in ast.walk(node))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript):  # kernel[grid](...)
+                launches += 1
+                assert id(node) in inside, f"{path.name}:{node.lineno}: a kernel launch outside `with on_device(...)`"
+                guarded += 1
+    assert launches >= 4 and guarded == launches  # down, up, wgrad, fp8 rows
+    from flux_kernels.launch import on_device
+    with on_device(torch.zeros(1)):  # off CUDA: nothing to enter
+        pass
