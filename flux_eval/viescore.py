@@ -7,20 +7,34 @@ Two questions per edit, each answered as {"score": [a, b], "reasoning": "..."} o
     SC = min(SC scores), PQ = min(PQ scores), Overall = sqrt(SC x PQ)
 The prompts are VIEScore's own for its "tie" task (its `viescore` package: the context without
 delimiters, then the rules), quoted below; as there, the text comes first and the images after it in
-one user message (here as PNG data URLs; VIEScore sends JPEG). The paper's "GPT" column on Emu Edit
-is not reproduced: ICEdit has not published how it is computed (its issue #61: "in the Sup. Mat.,
-not released"), so evaluate.py reports SC, PQ and Overall and leaves that column empty.
-A reply that cannot be parsed, or a judge that fails, leaves that sample's scores empty.
+one user message. The paper's "GPT" column on Emu Edit is not reproduced: ICEdit has not published
+how it is computed (its issue #61: "in the Sup. Mat., not released"), so evaluate.py reports SC, PQ
+and Overall and leaves that column empty.
+
+Two ways to ask, differing where the reference leaves results to chance:
+    ours (default)   any OpenAI-compatible judge, temperature 0, PNG images; a reply that cannot be
+                     parsed, or a judge that fails, leaves that sample's scores empty
+    compat=True      VIEScore's own requests (mllm_tools/openai.py, viescore/__init__.py): GPT-4o
+                     (gpt-4o-2024-05-13 at api.openai.com unless a judge is given), no temperature
+                     (the API's default), JPEG images (PIL's default quality 75, EXIF applied), 1400
+                     max tokens; when either reply cannot be parsed both are asked again, and a reply
+                     still unparseable becomes one random integer score in 0..10 (its
+                     `guess_if_cannot_parse`; seeded here, and counted as `vie_guessed`). The reference
+                     would ask a third time, without end, for a reply with braces that never parse;
+                     here the second try is the last. A judge that fails still leaves the sample empty.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import logging
 import math
+import random
 import re
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from infer.judge import JudgeError, VLMJudge, png_data_url
 
@@ -91,21 +105,64 @@ def parse_scores(answer: str) -> list[float]:
     return [float(x) for x in scores]
 
 
+def jpeg_data_url(image: Image.Image) -> str:
+    """VIEScore's encode_pil_image after its load_image: EXIF applied, RGB, JPEG at PIL's default quality."""
+    buf = io.BytesIO()
+    ImageOps.exif_transpose(image).convert("RGB").save(buf, format="JPEG")
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def try_parse(answer: str) -> list[float] | None:
+    try:
+        return parse_scores(answer)
+    except JudgeError:
+        return None
+
+
+REFERENCE_URL, REFERENCE_MODEL = "https://api.openai.com/v1", "gpt-4o-2024-05-13"  # VIEScore's GPT4o class
+
+
+class UnsetTemperatureJudge(VLMJudge):
+    """The judge client sending VIEScore's request body: model, messages and max_tokens, no temperature."""
+
+    def chat(self, content: list[dict], max_tokens: int | None = None) -> str:
+        body = {"model": self.model, "messages": [{"role": "user", "content": content}],
+                "max_tokens": max_tokens or self.max_tokens}
+        return self._answer_text(self._post(json.dumps(body).encode()))
+
+
 class VIEScore:
-    """`VIEScore(url, model).score(source, edit, instruction) -> {"sc", "pq", "overall"}` (0-10)."""
+    """`VIEScore(url, model).score(source, edit, instruction) -> {"sc", "pq", "overall"}` (0-10);
+    `compat=True` asks as the reference does (module docstring), `seed` seeds its guesses."""
 
-    def __init__(self, url: str, model: str, **judge_kw):
-        self.judge = VLMJudge(url, model, **{"max_tokens": 1400, **judge_kw})
+    def __init__(self, url: str, model: str, compat: bool = False, seed: int = 0, **judge_kw):
+        judge = UnsetTemperatureJudge if compat else VLMJudge
+        self.judge = judge(url, model, **{"max_tokens": 1400, **judge_kw})
+        self.compat, self.rng = compat, random.Random(seed)
+        self.encode = jpeg_data_url if compat else png_data_url
 
-    def _ask(self, prompt: str, images: list[Image.Image]) -> list[float]:
-        content = [{"type": "text", "text": prompt}]
-        content += [{"type": "image_url", "image_url": {"url": png_data_url(im)}} for im in images]
-        return parse_scores(self.judge.chat(content))
+    def _content(self, prompt: str, images: list[Image.Image]) -> list[dict]:
+        return [{"type": "text", "text": prompt},
+                *({"type": "image_url", "image_url": {"url": self.encode(im)}} for im in images)]
 
     def score(self, source: Image.Image, edit: Image.Image, instruction: str) -> dict:
-        sc = min(self._ask(SC_PROMPT.replace("<instruction>", instruction), [source, edit]))
-        pq = min(self._ask(PQ_PROMPT, [edit]))
+        sc_ask = self._content(SC_PROMPT.replace("<instruction>", instruction), [source, edit])
+        pq_ask = self._content(PQ_PROMPT, [edit])
+        if self.compat:
+            return self._score_as_reference(sc_ask, pq_ask)
+        sc, pq = min(parse_scores(self.judge.chat(sc_ask))), min(parse_scores(self.judge.chat(pq_ask)))
         return {"sc": sc, "pq": pq, "overall": math.sqrt(sc * pq)}
+
+    def _score_as_reference(self, sc_ask: list[dict], pq_ask: list[dict]) -> dict:
+        """VIEScore.evaluate's loop: both asked; if either reply is unparseable, both asked again;
+        what is still unparseable then becomes [random.randint(0, 10)]."""
+        for _ in range(2):
+            scores = [try_parse(self.judge.chat(ask)) for ask in (sc_ask, pq_ask)]
+            if None not in scores:
+                break
+        guessed = sum(s is None for s in scores)
+        sc, pq = (min(s) if s is not None else float(self.rng.randint(0, 10)) for s in scores)
+        return {"sc": sc, "pq": pq, "overall": math.sqrt(sc * pq), "vie_guessed": guessed}
 
     def score_or_none(self, source: Image.Image, edit: Image.Image, instruction: str) -> dict:
         """`score`, or empty scores (and a warning) when the judge fails: the run goes on."""

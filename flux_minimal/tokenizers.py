@@ -14,6 +14,7 @@ CLIP, as transformers' CLIPTokenizer does it (id for id; openai's CLIP minus ftf
             each split again by GPT-2's (a no-op but for "<|endoftext|>"-like text, see GPT2_PATTERN)
          -> each pre-token's UTF-8 bytes as printable characters (bytes_to_unicode), "</w>" on the last
          -> BPE: merge the adjacent pair of lowest rank (merges.txt order) until none is left
+            (vocab.json + merges.txt, or the same two tables in a transformers-5 tokenizer.json)
     ids = [<|startoftext|>] + ids[:max_length-2] + [<|endoftext|>], padded with <|endoftext|>
 """
 
@@ -167,26 +168,74 @@ def clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
     return {t: i for i, t in enumerate(tokens)}
 
 
+def read_vocab_and_merges(vocab_path: Path, merges_path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """vocab.json ({token: id}) and merges.txt (one "a b" pair a line, ranked by order; an optional
+    "#version" first line), as transformers 4 and FLUX's tokenizer/ folder store CLIP's BPE."""
+    vocab_path = _require_file(Path(vocab_path), "CLIP vocabulary, tokenizer/vocab.json")
+    merges_path = _require_file(Path(merges_path), "CLIP merges, tokenizer/merges.txt")
+    try:
+        encoder = json.loads(vocab_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{vocab_path} is not valid JSON ({e}). {WEIGHTS_HELP}") from None
+    lines = merges_path.read_text(encoding="utf-8").splitlines()
+    if lines and lines[0].startswith("#version"):
+        lines = lines[1:]
+    merges = [tuple(line.split()) for line in lines if line.strip()]
+    if any(len(m) != 2 for m in merges):
+        raise WeightsError(f"{merges_path}: every line must be two symbols separated by a space. {WEIGHTS_HELP}")
+    return encoder, merges
+
+
+def read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The same BPE from a `tokenizers` file (tokenizer.json, all that transformers 5 saves for
+    CLIP): model.vocab, model.merges as ["a", "b"] pairs (or "a b" strings, as tokenizers < 0.20
+    wrote them), and the specials of added_tokens where the vocabulary lacks them."""
+    path = _require_file(Path(path), "CLIP tokenizer, tokenizer/tokenizer.json")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{path} is not valid JSON ({e}). {WEIGHTS_HELP}") from None
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE" or model.get("end_of_word_suffix") != "</w>":
+        kind = {k: model.get(k) for k in ("type", "end_of_word_suffix")} if isinstance(model, dict) else None
+        raise WeightsError(f"{path}: \"model\" is not CLIP's byte-level BPE (type \"BPE\" with end_of_word_suffix "
+                           f"\"</w>\"); found {kind}. {WEIGHTS_HELP}")
+    encoder = dict(model.get("vocab") or {})
+    for token in data.get("added_tokens") or []:
+        encoder.setdefault(token["content"], token["id"])
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges") or []]
+    if any(len(m) != 2 for m in merges):
+        raise WeightsError(f"{path}: every model.merges entry must be a pair of symbols. {WEIGHTS_HELP}")
+    return encoder, merges
+
+
 class CLIPTokenizer:
-    """`CLIPTokenizer(vocab_path, merges_path, max_length=77)(texts) -> LongTensor [B, max_length]`."""
+    """`CLIPTokenizer(vocab_path, merges_path, max_length=77)(texts) -> LongTensor [B, max_length]`;
+    `CLIPTokenizer.from_folder(folder)` also reads a folder holding only tokenizer.json."""
 
     def __init__(self, vocab_path: str | Path, merges_path: str | Path, max_length: int = 77):
-        vocab_path = _require_file(Path(vocab_path), "CLIP vocabulary, tokenizer/vocab.json")
-        merges_path = _require_file(Path(merges_path), "CLIP merges, tokenizer/merges.txt")
-        try:
-            self.encoder: dict[str, int] = json.loads(vocab_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise WeightsError(f"{vocab_path} is not valid JSON ({e}). {WEIGHTS_HELP}") from None
-        lines = merges_path.read_text(encoding="utf-8").splitlines()
-        if lines and lines[0].startswith("#version"):
-            lines = lines[1:]
-        merges = [tuple(line.split()) for line in lines if line.strip()]
-        if any(len(m) != 2 for m in merges):
-            raise WeightsError(f"{merges_path}: every line must be two symbols separated by a space. {WEIGHTS_HELP}")
+        self._setup(*read_vocab_and_merges(vocab_path, merges_path), max_length, Path(vocab_path))
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, max_length: int = 77) -> "CLIPTokenizer":
+        """vocab.json + merges.txt when both are there, else tokenizer.json (a folder saved by transformers 5)."""
+        folder = Path(folder)
+        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            return cls(folder / "vocab.json", folder / "merges.txt", max_length)
+        if not (folder / "tokenizer.json").is_file():
+            raise WeightsError(f"{folder}: no CLIP tokenizer here: it needs vocab.json + merges.txt, or tokenizer.json "
+                               f"(as `huggingface-cli download` or transformers' save_pretrained write them). "
+                               f"{WEIGHTS_HELP}")
+        tokenizer = cls.__new__(cls)
+        tokenizer._setup(*read_tokenizer_json(folder / "tokenizer.json"), max_length, folder / "tokenizer.json")
+        return tokenizer
+
+    def _setup(self, encoder: dict[str, int], merges: list[tuple[str, str]], max_length: int, source: Path) -> None:
+        self.encoder = encoder
         self.bpe_ranks: dict[tuple[str, str], int] = {m: i for i, m in enumerate(merges)}
         for token in (BOS_TOKEN, EOS_TOKEN):
             if token not in self.encoder:
-                raise WeightsError(f"{vocab_path} has no {token}: it is not a CLIP vocabulary. {WEIGHTS_HELP}")
+                raise WeightsError(f"{source} has no {token}: it is not a CLIP vocabulary. {WEIGHTS_HELP}")
         self.bos_id, self.eos_id = self.encoder[BOS_TOKEN], self.encoder[EOS_TOKEN]
         self.pad_id = self.unk_id = self.eos_id  # FLUX's tokenizer_config: pad = unk = <|endoftext|>
         self.vocab_size = max(self.encoder.values()) + 1  # ids in [0, vocab_size)
