@@ -5,10 +5,13 @@ so a faster kernel plugs in here (`register_attention_backend`) and nowhere else
 "sdpa" (torch picks the kernel), and "flash", "cudnn", "efficient", "math", which force one of
 torch's scaled-dot-product kernels (`set_attention_backend(name, device, dtype)` checks that it
 runs there). The profiler (`python -m flux_bench.profile`) shows which kernel ran.
+`observe_attention(fn)` lets a reader see the rotated q and k of every attention call without
+changing it (`python -m infer.explain` computes attention probabilities beside the fused kernel).
 """
 
 import math
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +42,7 @@ _BACKENDS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
 }
 ATTENTION_BACKENDS = tuple(_BACKENDS)
 _backend = "sdpa"
+_observer: Callable[[Tensor, Tensor], None] | None = None
 
 
 def register_attention_backend(name: str, fn: Callable[[Tensor, Tensor, Tensor], Tensor]) -> None:
@@ -68,12 +72,28 @@ def attention_backend() -> str:
     return _backend
 
 
+@contextmanager
+def observe_attention(fn: Callable[[Tensor, Tensor], None]) -> Iterator[None]:
+    """Within the block, fn(q, k) sees the rotated q, k [B, H, L, D] of every attention call, just
+    before the backend runs on them; fn must not modify them. One observer at a time."""
+    global _observer
+    if _observer is not None:
+        raise RuntimeError("attention is already observed (one observer at a time)")
+    _observer = fn
+    try:
+        yield
+    finally:
+        _observer = None
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
     """Rotate q and k by `pe`, attend, and merge the heads.
 
     q, k, v: [B, H, L, D]; pe: [B, 1, L, D/2, 2, 2] -> [B, L, H*D]
     """
     q, k = apply_rope(q, k, pe)
+    if _observer is not None:  # a reader (observe_attention); the attention below is unchanged
+        _observer(q, k)
     x = _BACKENDS[_backend](q, k, v)
     return rearrange(x, "B H L D -> B L (H D)")
 

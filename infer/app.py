@@ -8,9 +8,10 @@ On the page: the source (upload, drop, paste, or one of the mini scenes), the in
 advanced section (seed, steps, guidance, width), early-filter scaling (candidates, early steps,
 the judge's URL and model; the candidates' previews are shown, the judge's pick first), a progress
 bar that follows the denoising steps, the result beside the source, "keep editing" (the result
-becomes the source; the turns collect in a history strip) and the PNG with its metadata to
-download. Every error a user can cause is a message on the page; the server keeps serving. One
-edit runs at a time on the device; other requests wait in the queue and see their place.
+becomes the source; the turns collect in a history strip), the PNG with its metadata to
+download, and an "explain" toggle that draws under the result how the edit happened (the figure of
+`python -m infer.explain`: trajectory, attention, experts). Every error a user can cause is a
+message on the page; the server keeps serving. One edit runs at a time on the device; other requests wait in the queue and see their place.
 API: the endpoint "edit" takes (image, instruction, seed) and returns the edited image:
     from gradio_client import Client, handle_file
     Client("http://127.0.0.1:7860/").predict(handle_file("scene.png"), "turn the red circle blue", 42, api_name="/edit")
@@ -45,6 +46,15 @@ def mini_examples() -> list[list]:
     return rows
 
 
+def checked(image, instruction: str) -> Image.Image:
+    """The source image, after the checks every edit makes (a message for the page if one fails)."""
+    if image is None:
+        raise FluxMinimalError("no source image: upload one, drop one, or pick a mini scene")
+    if not (instruction or "").strip():
+        raise FluxMinimalError("the instruction is empty: say what to change, e.g. \"turn the red circle blue\"")
+    return load_image(image)  # the same checks as the CLI (size, readability)
+
+
 class Editor:
     """The model behind the page, loaded once; `edit` is what the button and the API call."""
 
@@ -62,11 +72,7 @@ class Editor:
              judge_model: str = "", progress=None) -> tuple[Image.Image, list, Path, str]:
         """(result, [(candidate preview, caption)], the PNG to download, a status line). Raises
         FluxMinimalError with a message for the page on anything the user can fix."""
-        if image is None:
-            raise FluxMinimalError("no source image: upload one, drop one, or pick a mini scene")
-        if not (instruction or "").strip():
-            raise FluxMinimalError("the instruction is empty: say what to change, e.g. \"turn the red circle blue\"")
-        source = load_image(image)  # the same checks as the CLI (size, readability)
+        source = checked(image, instruction)
         d = self.defaults
         kw = dict(width=int(width or d.width), steps=int(steps or d.steps),
                   guidance=float(d.guidance if guidance is None else guidance), seed=int(seed), progress=True)
@@ -95,6 +101,25 @@ class Editor:
                   + (f", candidate {report['winner']} of {candidates} chosen" if int(candidates) > 1 else ""))
         return out, gallery, path, status
 
+    def explain(self, image, instruction: str, seed: int = EDIT.seed, steps: int | None = None,
+                guidance: float | None = None, width: int | None = None) -> tuple[Image.Image, Image.Image, Path, str]:
+        """The same edit as `edit` with one candidate, read with hooks (infer/explain.py):
+        (result, the explain figure, the PNG to download, a status line)."""
+        source = checked(image, instruction)
+        from infer.explain import explain_edit
+        d = self.defaults
+        ex = explain_edit(self.pipe, source, instruction.strip(), width=int(width or d.width),
+                          steps=int(steps or d.steps), guidance=float(d.guidance if guidance is None else guidance),
+                          seed=int(seed), progress=True)
+        self.count += 1
+        data = ex.data
+        path = save_png(ex.result, self.outputs / f"edit_{self.count:04d}.png",
+                        {"instruction": data["instruction"], "seed": str(seed), "steps": str(data["steps"]),
+                         "guidance": str(data["guidance"]), "software": "flux-minimal ICEdit"}, keep=True)
+        status = (f"{data['size']} in {data['seconds']:.1f} s, {data['steps']} NFE, explained: "
+                  f"{len(data['attention']['rows'])} attention maps, {len(data['routing'])} routing maps")
+        return ex.result, ex.figure, path, status
+
 
 def shown(img: Image.Image, side: int = 256) -> Image.Image:
     """What the page displays: small results (the mini model's 64 px) blown up with nearest
@@ -107,17 +132,26 @@ def build(editor: Editor):
     import gradio as gr
 
     def run(image, instruction, seed, steps, guidance, width, candidates, early_steps, judge_url, judge_model,
-            history, progress=gr.Progress(track_tqdm=True)):
-        """The Edit button: (result shown, candidates, PNG, status, turns, the result itself)."""
+            history, explain, progress=gr.Progress(track_tqdm=True)):
+        """The Edit button: (result shown, candidates, PNG, status, turns, the result itself, the
+        explain figure)."""
+        figure = None
         try:
-            out, gallery, path, status = editor.edit(image, instruction, seed, steps, guidance, width, candidates,
-                                                     early_steps, judge_url, judge_model)
+            if explain:
+                if int(candidates) > 1:
+                    raise FluxMinimalError("explain reads one edit: set candidates to 1 (or turn explain off)")
+                out, figure, path, status = editor.explain(image, instruction, seed, steps, guidance, width)
+                gallery = []
+            else:
+                out, gallery, path, status = editor.edit(image, instruction, seed, steps, guidance, width, candidates,
+                                                         early_steps, judge_url, judge_model)
         except FluxMinimalError as e:
             raise gr.Error(str(e), print_exception=False) from None
         except Exception as e:  # e.g. out of memory: a message, and the server goes on
             raise gr.Error(f"the edit failed: {type(e).__name__}: {e}", print_exception=False) from None
         history = (history or []) + [(shown(out), instruction)]
-        return shown(out), gallery, str(path), status, history, out
+        return (shown(out), gallery, str(path), status, history, out,
+                gr.update(value=figure, visible=figure is not None))
 
     def api_edit(image, instruction, seed):
         """The `edit` endpoint: (image, instruction, seed) -> the edited image."""
@@ -136,7 +170,11 @@ def build(editor: Editor):
         with gr.Row():
             go = gr.Button("Edit", variant="primary", elem_id="edit")
             again = gr.Button("Keep editing (result -> source)", elem_id="keep")
+        explain = gr.Checkbox(label="explain: show how the edit happened (trajectory, attention, experts)",
+                              value=False, elem_id="explain")
         status = gr.Markdown(elem_id="status")
+        figure = gr.Image(label="how the edit happened (python -m infer.explain)", type="pil", format="png",
+                          interactive=False, visible=False, elem_id="figure")
         download = gr.File(label="PNG with its metadata", elem_id="download")
         with gr.Accordion("Advanced", open=False):
             seed = gr.Number(label="seed", value=editor.defaults.seed, precision=0)
@@ -157,7 +195,8 @@ def build(editor: Editor):
 
         last = gr.State()  # the last result at its real size, for "keep editing"
         go.click(run, [source, instruction, seed, steps, guidance, width, candidates, early_steps, judge_url,
-                       judge_model, history], [result, previews, download, status, history, last], api_name=False)
+                       judge_model, history, explain], [result, previews, download, status, history, last, figure],
+                 api_name=False)
         again.click(lambda r: r, [last], [source], api_name=False)
         hidden = gr.Button(visible=False)
         hidden.click(api_edit, [source, instruction, seed], [result], api_name="edit")

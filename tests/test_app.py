@@ -141,6 +141,11 @@ def test_in_a_real_browser(server):
         before = driver.find_element(By.CSS_SELECTOR, "#source img").get_attribute("src")
         driver.find_element(By.CSS_SELECTOR, "#keep").click()  # keep editing: the result becomes the source
         wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#source img").get_attribute("src") != before)
+        assert not driver.find_elements(By.CSS_SELECTOR, "#figure img")  # explain is off: no figure
+        driver.find_element(By.CSS_SELECTOR, "#explain input[type=checkbox]").click()
+        driver.find_element(By.CSS_SELECTOR, "#edit").click()
+        figure = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#figure img")))  # under the result
+        assert figure.get_attribute("src")
     finally:
         driver.quit()
 
@@ -153,3 +158,22 @@ def test_scaling_shows_the_candidates_with_the_judges_pick_first(editor, stub):
     assert out.size == (64, 64) and len(gallery) == 3 and len(stub.requests) == 2  # M - 1 comparisons
     assert gallery[0][1] == "judge's pick: seed 7" and "candidate 2 of 3 chosen" in status
     assert all(Image.open(f).size == (64, 64) for f, _ in gallery)
+
+
+def test_explain_toggle_shows_the_figure_under_the_same_edit(editor):
+    """The "explain" toggle: the same result as a plain edit (pixel for pixel) and the figure of
+    infer/explain.py, shown under the result; off, the figure is hidden."""
+    from infer.app import build
+    out, figure, path, status = editor.explain(str(SCENE), "turn the red circle blue", seed=3)
+    plain = editor.edit(str(SCENE), "turn the red circle blue", seed=3)[0]
+    assert list(out.getdata()) == list(plain.getdata()) and Image.open(path).size == (64, 64)
+    assert figure.width > 600 and "routing maps" in status
+    page = build(editor)
+    run = next(f.fn for f in page.fns.values() if getattr(f.fn, "__name__", "") == "run")  # the Edit button
+    args = [str(SCENE), "turn the red circle blue", 3, 4, None, None, 1, 1, "", "", []]
+    shown_on = run(*args, True)
+    assert shown_on[6]["visible"] is True and shown_on[6]["value"].size == figure.size
+    assert shown_on[5].tobytes() == out.tobytes()
+    assert run(*args, False)[6]["visible"] is False
+    with pytest.raises(gr.Error, match="set candidates to 1"):
+        run(*args[:6], 3, *args[7:], True)
