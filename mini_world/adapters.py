@@ -24,8 +24,8 @@ in docs/mini.md:
   of the adapter (what is evaluated and exported).
 - Every EVAL_EVERY steps the EMA edits held-out scenes (EVAL_PER_TYPE per judged type, scenes of
   1-3 objects, the held-out seed stream) and the README's first example on seeds 0..7, scored by
-  mini_world/check.py; each point goes to RUN/curve.jsonl (python -m mini_world.adapter_curve
-  plots it).
+  mini_world/check.py; each point goes to RUN/curve.jsonl with the step, the wall hours and the
+  CPU-hours of training (`--plot PNG` draws it against CPU-hours).
 """
 
 import argparse
@@ -181,25 +181,31 @@ def read_curve(run: Path) -> list[dict]:
     return [points[s] for s in sorted(points)]
 
 
+def cpu_hours(point: dict) -> float:
+    """A curve point's CPU-hours of training (every thread; points from before the run kept CPU
+    time count their wall hours, which one thread on a quiet machine matches)."""
+    return point.get("cpu_hours", point["hours"])
+
+
 def plot_curve(run: Path, png: Path) -> None:
-    """Held-out success per judged type, their mean and the README example against hours of training."""
+    """Held-out success per judged type, their mean and the README example against CPU-hours of training."""
     from mini_world.curve import plot
     points = read_curve(run)
     if not points:
         raise FluxMinimalError(f"{run} has no curve.jsonl yet: its first evaluation comes at step {EVAL_EVERY}")
-    series = {t: [(p["hours"], p["success"][t]) for p in points] for t in JUDGED_TYPES}
-    series["mean"] = [(p["hours"], p["mean"]) for p in points]
-    series[f"README, {README_SEEDS} seeds"] = [(p["hours"], p["readme"] / README_SEEDS) for p in points]
+    series = {t: [(cpu_hours(p), p["success"][t]) for p in points] for t in JUDGED_TYPES}
+    series["mean"] = [(cpu_hours(p), p["mean"]) for p in points]
+    series[f"README, {README_SEEDS} seeds"] = [(cpu_hours(p), p["readme"] / README_SEEDS) for p in points]
     marks = {}
     for k, phase in enumerate(CURRICULUM[1:], 1):
         first = next((p for p in points if p["step"] > phase.start), None)
         if first is not None:
-            marks[f"1-{phase.max_objects} objects"] = first["hours"]
-    plot(series, marks, png, xlabel="hours of adapter training (the run's own clock)")
-    print("| step | hours | objects | " + " | ".join(JUDGED_TYPES) + " | mean | README seeds |")
+            marks[f"1-{phase.max_objects} objects"] = cpu_hours(first)
+    plot(series, marks, png, xlabel="CPU-hours of adapter training (the training steps, every thread)")
+    print("| step | CPU-hours | objects | " + " | ".join(JUDGED_TYPES) + " | mean | README seeds |")
     print("| ---: | ---: | --- | " + " | ".join("---:" for _ in JUDGED_TYPES) + " | ---: | ---: |")
     for q in points:
-        print(f"| {q['step']} | {q['hours']:.2f} | 1-{phase_of_step(q['step']).max_objects} | "
+        print(f"| {q['step']} | {cpu_hours(q):.2f} | 1-{phase_of_step(q['step']).max_objects} | "
               + " | ".join(f"{100 * q['success'][t]:.0f}%" for t in JUDGED_TYPES)
               + f" | {100 * q['mean']:.0f}% | {q['readme']}/{README_SEEDS} |")
 
@@ -256,7 +262,7 @@ def main(argv=None) -> int:
         if step % EVAL_EVERY == 0:
             loop.save()
             t0 = time.perf_counter()
-            point = {"step": step, "hours": loop.seconds / 3600, "phase": CURRICULUM.index(phase_of_step(step)),
+            point = {"step": step, "hours": loop.seconds / 3600, "cpu_hours": loop.cpu_seconds / 3600, "phase": CURRICULUM.index(phase_of_step(step)),
                      "loss": float(np.mean(loop.losses[-EVAL_EVERY:])), **evaluate(pipe, heldout, readme)}
             with open(args.run / "curve.jsonl", "a") as f:
                 f.write(json.dumps(point) + "\n")

@@ -6,7 +6,7 @@ weights (what ships), gradient clipping, and atomic checkpoints every few minute
 
     folder/step_0001200/model.safetensors      the weights ("model." and "ema." prefixes)
                         optimizer.safetensors  AdamW's state, by parameter name
-                        state.json             step, seconds trained, recent losses
+                        state.json             step, seconds trained (wall and CPU), recent losses
     folder/latest                              the newest complete checkpoint
     folder/snapshots/step_0001200.safetensors  the EMA every `snapshot_every` steps (learning curves)
 
@@ -70,6 +70,7 @@ class Loop:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.step, self.seconds, self.losses = 0, 0.0, []
+        self.cpu_seconds = 0.0  # the process's CPU time in the steps, every thread: CPU-hours beside other work
         # compiled once; the EMA and the checkpoints use the plain module
         self.forward = torch.compile(model) if compile else model
         if (self.folder / "latest").is_file():
@@ -85,6 +86,7 @@ class Loop:
             module.load_state_dict(part, strict=not self.cfg.trainable_only)
         restore_optimizer(self.model, self.opt, opt)
         self.step, self.seconds, self.losses = state["step"], state["seconds"], state["losses"]
+        self.cpu_seconds = state.get("cpu_seconds", self.seconds)  # older checkpoints: their wall seconds
         log(f"{self.folder.name}: resumed at step {self.step}/{self.cfg.steps} ({self.seconds / 60:.1f} min trained)")
 
     def _weights(self, module: nn.Module) -> dict[str, Tensor]:
@@ -94,7 +96,7 @@ class Loop:
     def save(self) -> None:
         weights = {**{f"model.{k}": v for k, v in self._weights(self.model).items()},
                    **{f"ema.{k}": v for k, v in self._weights(self.ema).items()}}
-        state = {"seconds": self.seconds, "losses": self.losses[-self.cfg.log_every:]}
+        state = {"seconds": self.seconds, "cpu_seconds": self.cpu_seconds, "losses": self.losses[-self.cfg.log_every:]}
         final = save_checkpoint(self.folder, self.step, weights, optimizer_state(self.model, self.opt), state,
                                 name="model")
         for old in self.folder.glob("step_*"):  # only the newest is needed to resume
@@ -120,7 +122,7 @@ class Loop:
         cfg, t_save = self.cfg, time.perf_counter()
         self.model.train()
         while self.step < cfg.steps:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step = self.step + 1
             for group in self.opt.param_groups:
                 group["lr"] = self.lr(step)
@@ -133,6 +135,7 @@ class Loop:
             self._update_ema()
             self.losses.append(loss.item())
             self.seconds += time.perf_counter() - t0
+            self.cpu_seconds += time.process_time() - c0
             if step % cfg.log_every == 0 or step == cfg.steps:
                 log(f"{self.folder.name} step {step}/{cfg.steps}: loss {np.mean(self.losses[-cfg.log_every:]):.4f} "
                     f"({self.seconds / 60:.1f} min, {1000 * self.seconds / step:.0f} ms/step)")
