@@ -30,21 +30,26 @@ from flux_minimal.images import save_png
 from flux_minimal.ops import ATTENTION_BACKENDS
 from infer.options import DTYPES, EDIT, JUDGE_MODEL, OFFLOAD_MODES, PRESETS, PREVIEWS
 
-def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m infer.edit", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def edit_args(ap: argparse.ArgumentParser, instruction_help: str, out_help: str, repeat: bool) -> None:
+    """The options that say which model edits what, shared with `python -m infer.explain`."""
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--weights", type=Path, help="a FLUX.1-Fill-dev snapshot folder (see weights.md)")
     src.add_argument("--preset", choices=sorted(PRESETS), help="weights shipped with this repository")
     ap.add_argument("--image", type=Path, required=True)
-    ap.add_argument("--instruction", action="append", required=True, help="repeat for multi-turn editing")
-    ap.add_argument("--out", type=Path, required=True, help="output PNG")
+    ap.add_argument("--instruction", action="append" if repeat else "store", required=True, help=instruction_help)
+    ap.add_argument("--out", type=Path, required=True, help=out_help)
     ap.add_argument("--lora", type=Path, help="ICEdit LoRA or MoE-LoRA safetensors (file or folder)")
     ap.add_argument("--lora-scale", type=float, default=1.0)
     ap.add_argument("--steps", type=int, help=f"default: {EDIT.steps} (a preset's own)")
     ap.add_argument("--guidance", type=float, help=f"default: {EDIT.guidance:g} (a preset's own)")
     ap.add_argument("--seed", type=int, default=EDIT.seed)
     ap.add_argument("--width", type=int, help=f"the source is resized to this width, a multiple of 16 (default: {EDIT.width}; a preset's own)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m infer.edit", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    edit_args(ap, "repeat for multi-turn editing", "output PNG", repeat=True)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--offload", choices=OFFLOAD_MODES, default=OFFLOAD_MODES[0],

@@ -22,7 +22,6 @@ import argparse
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,6 +31,7 @@ from flux_minimal.errors import FluxMinimalError, run_cli
 from flux_minimal.files import check_folder, write_text
 from flux_minimal.icedit import IC_PROMPT, ic_prompt, make_diptych
 from flux_minimal.images import MIN_SIDE, load_image, save_png
+from infer.edit import edit_args
 from infer.explain_probes import GROUPS, Layout, Recorder
 from infer.options import DTYPES, EDIT, OFFLOAD_MODES, PRESETS
 
@@ -251,19 +251,7 @@ def _mask_image(img: Image.Image) -> Image.Image:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m infer.explain", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--weights", type=Path, help="a FLUX.1-Fill-dev snapshot folder (see weights.md)")
-    src.add_argument("--preset", choices=sorted(PRESETS), help="weights shipped with this repository")
-    ap.add_argument("--image", type=Path, required=True)
-    ap.add_argument("--instruction", required=True)
-    ap.add_argument("--out", type=Path, required=True, help="output folder (explain.png, explain.json, edit.png)")
-    ap.add_argument("--lora", type=Path, help="ICEdit LoRA or MoE-LoRA safetensors (file or folder)")
-    ap.add_argument("--lora-scale", type=float, default=1.0)
-    ap.add_argument("--steps", type=int, help=f"default: {EDIT.steps} (a preset's own)")
-    ap.add_argument("--guidance", type=float, help=f"default: {EDIT.guidance:g} (a preset's own)")
-    ap.add_argument("--seed", type=int, default=EDIT.seed)
-    ap.add_argument("--width", type=int,
-                    help=f"the source is resized to this width (default: {EDIT.width}; a preset's own)")
+    edit_args(ap, "the edit instruction", "output folder (explain.png, explain.json, edit.png)", repeat=False)
     ap.add_argument("--steps-shown", help="0-based steps whose attention and routing are read, e.g. 2,14,25 "
                                           "(default: an early, a middle and a late one)")
     ap.add_argument("--blocks", default="all", help="blocks whose attention is read: all, double, single, or "
