@@ -135,7 +135,7 @@ def main(argv=None) -> int:
         if path is not None:
             check_output(path)
     if args.world == "judged":  # the long adapter stage's judged edits: 4 types, 1-3 objects (mini_world/adapters.py)
-        from mini_world.adapters import heldout_examples
+        from mini_world.judged import heldout_examples
         examples = heldout_examples(args.per_type, args.seed)
     else:
         examples = world.make_split(args.per_type * len(world.EDIT_TYPES), args.seed, 64, split="heldout")

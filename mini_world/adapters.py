@@ -46,10 +46,9 @@ from flux_minimal.text import PromptEncoder
 from flux_minimal.vae import load_vae
 from mini_world import world
 from mini_world.check import check_edit
+from mini_world.judged import JUDGED_TYPES, draw, heldout_examples
 from mini_world.loop import Loop, LoopConfig, log
 from mini_world.quick import SIZE, encode, velocity_error
-
-JUDGED_TYPES = ("remove", "add", "color", "background")
 
 
 @dataclass(frozen=True)
@@ -64,7 +63,6 @@ CURRICULUM = (
     Phase(1000, 2, JUDGED_TYPES),
     Phase(3000, 3, JUDGED_TYPES),
 )
-JUDGED_MAX_OBJECTS = 3  # the held-out scenes the curve and the table judge
 POOL_PAIRS = 4096  # pairs per data pool; a fresh pool every POOL_STEPS steps
 POOL_STEPS = 1000  # phases start on a pool's first step
 BATCH = 32
@@ -83,12 +81,6 @@ def phase_of_step(step: int) -> Phase:
     return phase_at((step - 1) // POOL_STEPS * POOL_STEPS)
 
 
-def draw(rng: np.random.Generator, edit_type: str, max_objects: int) -> world.EditExample:
-    record = world.make_edit_record(rng, edit_type, int(rng.integers(1, max_objects + 1)))
-    return world.EditExample(world.render(record.source, SIZE), world.render(record.target, SIZE),
-                             record.instruction, record)
-
-
 def pool_examples(seed: int, k: int) -> list[world.EditExample]:
     """Pool k: the pairs of steps [k * POOL_STEPS, (k + 1) * POOL_STEPS), drawn in the phase of its
     first step from the training stream; a function of (seed, k) only."""
@@ -96,12 +88,6 @@ def pool_examples(seed: int, k: int) -> list[world.EditExample]:
     stream = world.SPLIT_STREAMS["train"]
     return [draw(np.random.default_rng([stream, seed, 7919 + k, i]), phase.types[i % len(phase.types)],
                  phase.max_objects) for i in range(POOL_PAIRS)]
-
-
-def heldout_examples(per_type: int, seed: int = 0) -> list[world.EditExample]:
-    stream = world.SPLIT_STREAMS["heldout"]
-    return [draw(np.random.default_rng([stream, seed, 7919, i]), t, JUDGED_MAX_OBJECTS)
-            for i in range(per_type) for t in JUDGED_TYPES]
 
 
 def readme_example() -> world.EditExample:
