@@ -31,11 +31,12 @@ in docs/mini.md:
 import argparse
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from flux_minimal.errors import FluxMinimalError, run_cli
 from flux_minimal.files import check_output, save_safetensors, write_text
@@ -55,13 +56,19 @@ from mini_world.quick import SIZE, encode, velocity_error
 class Phase:
     start: int  # first step of the phase
     max_objects: int  # scenes hold 1..max_objects objects (uniformly)
-    types: tuple[str, ...]
+    types: tuple[str, ...]  # pair i of a pool is of types[i % len(types)]: a type named twice is twice as common
+    tint: float = 0.0  # the share of pairs recoloured by tint()
+    label: str = ""  # its mark on the curve's plot (default: the object count)
 
 
 CURRICULUM = (
     Phase(0, 1, ("color", "remove")),
     Phase(1000, 2, JUDGED_TYPES),
     Phase(3000, 3, JUDGED_TYPES),
+    # From 14000 (the curve level since 10500; additions 10-25%, backgrounds 50-60%): the weak types
+    # twice as often, and a third of the pairs recoloured, for scenes drawn by other renderers.
+    Phase(14000, 3, ("remove", "add", "color", "background", "add", "background"), tint=1 / 3,
+          label="adds, backgrounds x2; tints"),
 )
 POOL_PAIRS = 4096  # pairs per data pool; a fresh pool every POOL_STEPS steps
 POOL_STEPS = 1000  # phases start on a pool's first step
@@ -69,6 +76,7 @@ BATCH = 32
 LR, WARMUP_STEPS, EMA = 1e-3, 200, 0.999
 LEFT_WEIGHT, CHANGED_WEIGHT, T_SHIFT = 0.1, 4.0, 0.5
 EVAL_EVERY, EVAL_PER_TYPE, README_SEEDS = 500, 8, 8
+TINT_GAIN, TINT_OFFSET = 0.15, 20.0  # per channel: x gain in 1 +- 0.15, + offset in +-20 (of 255)
 
 
 def phase_at(step: int) -> Phase:
@@ -81,13 +89,33 @@ def phase_of_step(step: int) -> Phase:
     return phase_at((step - 1) // POOL_STEPS * POOL_STEPS)
 
 
+def tint(rng: np.random.Generator, ex: world.EditExample) -> world.EditExample:
+    """The pair under one random colour map (per channel c: v * gain_c + offset_c), the same on both
+    sides: what the edit changes is unchanged, but the tones to copy are no longer the world's 14
+    (objects and backgrounds drawn by another renderer are near them, not on them)."""
+    gain = rng.uniform(1 - TINT_GAIN, 1 + TINT_GAIN, 3).astype(np.float32)
+    offset = rng.uniform(-TINT_OFFSET, TINT_OFFSET, 3).astype(np.float32)
+
+    def recolour(img: Image.Image) -> Image.Image:
+        return Image.fromarray(np.clip(np.asarray(img, np.float32) * gain + offset, 0, 255).round().astype(np.uint8))
+    return replace(ex, source=recolour(ex.source), target=recolour(ex.target))
+
+
 def pool_examples(seed: int, k: int) -> list[world.EditExample]:
     """Pool k: the pairs of steps [k * POOL_STEPS, (k + 1) * POOL_STEPS), drawn in the phase of its
     first step from the training stream; a function of (seed, k) only."""
     phase = phase_at(k * POOL_STEPS)
     stream = world.SPLIT_STREAMS["train"]
-    return [draw(np.random.default_rng([stream, seed, 7919 + k, i]), phase.types[i % len(phase.types)],
-                 phase.max_objects) for i in range(POOL_PAIRS)]
+    pairs = []
+    for i in range(POOL_PAIRS):
+        ex = draw(np.random.default_rng([stream, seed, 7919 + k, i]), phase.types[i % len(phase.types)],
+                  phase.max_objects)
+        if phase.tint:  # its own generator: the pairs themselves stay what they were without tints
+            rng = np.random.default_rng([stream, seed, 7919 + k, i, 1])
+            if rng.random() < phase.tint:
+                ex = tint(rng, ex)
+        pairs.append(ex)
+    return pairs
 
 
 def readme_example() -> world.EditExample:
@@ -122,8 +150,9 @@ class Pools:
             t0 = time.perf_counter()
             self.data, self.k = encode(self.vae, self.text, pool_examples(self.seed, k)), k
             p = phase_of_step(step)
-            log(f"pool {k}: {POOL_PAIRS} pairs, 1-{p.max_objects} objects, {'/'.join(p.types)} "
-                f"({time.perf_counter() - t0:.0f} s to draw and encode)")
+            log(f"pool {k}: {POOL_PAIRS} pairs, 1-{p.max_objects} objects, {'/'.join(p.types)}"
+                + (f", {100 * p.tint:.0f}% tinted" if p.tint else "")
+                + f" ({time.perf_counter() - t0:.0f} s to draw and encode)")
         return self.data
 
 
@@ -186,7 +215,7 @@ def plot_curve(run: Path, png: Path) -> None:
     for k, phase in enumerate(CURRICULUM[1:], 1):
         first = next((p for p in points if p["step"] > phase.start), None)
         if first is not None:
-            marks[f"1-{phase.max_objects} objects"] = cpu_hours(first)
+            marks[phase.label or f"1-{phase.max_objects} objects"] = cpu_hours(first)
     plot(series, marks, png, xlabel="CPU-hours of adapter training (the training steps, every thread)")
     print("| step | CPU-hours | objects | " + " | ".join(JUDGED_TYPES) + " | mean | README seeds |")
     print("| ---: | ---: | --- | " + " | ".join("---:" for _ in JUDGED_TYPES) + " | ---: | ---: |")

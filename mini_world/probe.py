@@ -10,6 +10,10 @@ Three figures, each a precondition of an instruction edit, measured on fresh sce
   caption reading  two-scene diptychs, the right half generated from its caption: the share of
                    object-coloured output pixels whose colour the caption names, against the same
                    share for the colours of an unrelated scene (what ignoring the caption gives)
+  shape drawing    the held-out additions' target scenes asked of the base by their full captions,
+                   as a second scene and as "the same scene" (the left lacks the new object): the
+                   share whose new object comes out in its colour and shape (the add rule of
+                   mini_world/check.py without its location), the skill an addition needs
 """
 
 import argparse
@@ -75,6 +79,26 @@ def caption_reading(pipe, n: int, steps: int, size: int = 64) -> tuple[float, fl
     return float(np.mean(named)), float(np.mean(unrelated))
 
 
+def shape_drawing(pipe, n: int, steps: int) -> dict[str, float]:
+    """Per prompt form, the share of n held-out additions whose new object the base draws as asked."""
+    from mini_world.check import SHAPE_IOU_MIN, check_edit
+    from mini_world.judged import heldout_examples
+    adds = [ex for ex in heldout_examples(n) if ex.record.edit_type == "add"]
+    drawn = {}
+    for name, template in (("second scene", TWO_SCENES_PROMPT.format(right="{instruction}")),
+                           ("same scene", SAME_SCENE_PROMPT.format(caption="{instruction}"))):
+        ok = []
+        for i, ex in enumerate(adds):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = pipe.edit(ex.source, world.caption(ex.record.target), width=ex.source.width, steps=steps,
+                                seed=i, template=template, progress=False)
+            f = check_edit(ex.record, ex.source, out).figures
+            ok.append(f["iou"] == f["best_iou"] and f["iou"] >= SHAPE_IOU_MIN and f["area_ok"] == 1)
+        drawn[name] = float(np.mean(ok))
+    return drawn
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", type=Path, default=Path("assets/mini"))
@@ -82,7 +106,7 @@ def main(argv=None) -> int:
     ap.add_argument("--per-type", type=int, default=20, help="held-out edits per type for the VAE ceiling")
     ap.add_argument("--n", type=int, default=40, help="scenes for the copy and caption probes")
     ap.add_argument("--steps", type=int, default=28)
-    ap.add_argument("--probes", default="vae,copy,caption")
+    ap.add_argument("--probes", default="vae,copy,caption,drawing")
     args = ap.parse_args(argv)
     probes = args.probes.split(",")
 
@@ -101,6 +125,10 @@ def main(argv=None) -> int:
         named, unrelated = caption_reading(pipe, args.n, args.steps, args.size)
         print(f"caption reading: {100 * named:.0f}% of object-coloured pixels in the caption's colours "
               f"({100 * unrelated:.0f}% in an unrelated scene's: what ignoring the caption gives)")
+    if "drawing" in probes:
+        drawn = shape_drawing(pipe, args.n, args.steps)
+        print("shape drawing: the additions' new objects drawn in their colour and shape from the full caption, "
+              + ", ".join(f"as {k} {100 * v:.0f}%" for k, v in drawn.items()))
     return 0
 
 

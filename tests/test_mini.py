@@ -237,3 +237,17 @@ def test_quick_adapter_experiment(capsys, monkeypatch):
                        "4", "--eval", "1", "--sample-steps", "2", "--weights", str(REPO / "assets" / "mini")]) == 0
     out = capsys.readouterr().out
     assert "step 2: loss" in out and "changed@0.9" in out and "success: train" in out
+
+
+def test_shape_drawing_probe_separates_drawing_from_copying():
+    """A base that draws each captioned target exactly scores 100% in both prompt forms; one that
+    copies the left scene (which lacks the new object) scores 0%."""
+    from mini_world.judged import heldout_examples
+    from mini_world.probe import shape_drawing
+    targets = {world.caption(ex.record.target): ex.target for ex in heldout_examples(5) if ex.record.edit_type == "add"}
+
+    class Draw:
+        def edit(self, image, instruction, **kw):
+            return targets[instruction]
+    assert shape_drawing(Draw(), n=5, steps=1) == {"second scene": 1.0, "same scene": 1.0}
+    assert shape_drawing(_FakePipe(lambda src, prompt: src), n=5, steps=1) == {"second scene": 0.0, "same scene": 0.0}

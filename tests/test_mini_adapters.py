@@ -97,3 +97,36 @@ def test_token_weights_put_the_edit_first():
     assert changed[:, 8:].any() and not changed[:, :8].any()  # the edit is on the right only
     assert torch.all(w[:, 8:][changed[:, 8:]] == 1 + A.CHANGED_WEIGHT)
     assert torch.all(w[:, 8:][~changed[:, 8:]] == 1)
+
+
+def test_tinted_phase_recolours_both_sides_alike_and_weights_its_types(monkeypatch):
+    """A phase with tints and a repeated type: pair i is the pair an untinted phase draws (same
+    record), a share of them recoloured by one map on both sides (so the unchanged pixels stay equal
+    and the changed ones are the same), and a type named twice is drawn twice as often."""
+    monkeypatch.setattr(A, "POOL_PAIRS", 60)
+    types = ("remove", "add", "color", "add")
+    monkeypatch.setattr(A, "CURRICULUM", (A.Phase(0, 2, types), A.Phase(2, 2, types, tint=0.5)))
+    plain, tinted = A.pool_examples(0, 0), A.pool_examples(0, 1)
+    counts = {t: sum(e.record.edit_type == t for e in tinted) for t in set(types)}
+    assert counts == {"remove": 15, "add": 30, "color": 15}
+    same_draw = A.pool_examples(0, 1)
+    assert [e.record for e in same_draw] == [e.record for e in tinted]  # a function of (seed, k)
+    recoloured = 0
+    for ex in tinted:
+        src, tgt = (np.asarray(im, np.int16) for im in (ex.source, ex.target))
+        clean = [np.asarray(im, np.int16) for im in (world_render(ex.record.source), world_render(ex.record.target))]
+        if np.array_equal(src, clean[0]):
+            assert np.array_equal(tgt, clean[1])
+            continue
+        recoloured += 1
+        moved, moved_clean = (src != tgt).any(-1), (clean[0] != clean[1]).any(-1)
+        assert not (moved & ~moved_clean).any()  # nothing the edit leaves alone changes
+        assert moved.sum() >= 0.95 * moved_clean.sum()  # what it changes still changes (clipping may merge a few)
+        assert 0 < np.abs(src - clean[0]).max() <= 255
+    assert 15 <= recoloured <= 45  # tint=0.5 of 60 pairs, by their own generators
+    assert [e.instruction for e in plain] != [e.instruction for e in tinted]  # another pool, other pairs
+
+
+def world_render(scene):
+    from mini_world import world
+    return world.render(scene, A.SIZE)
