@@ -23,8 +23,8 @@ import numpy as np
 
 from flux_minimal.errors import run_cli
 from mini_world import world
-from mini_world.ablation import SEED_OFFSET
-from mini_world.check import EditScore, check_edit
+from mini_world.ablation import run_row, summarize
+from mini_world.check import EditScore
 from mini_world.judged import JUDGED_TYPES, heldout_examples
 
 FACTORS = ("objects", "shape", "size", "style", "location")
@@ -69,12 +69,10 @@ def main(argv=None) -> int:
     from infer.pipeline import ICEditPipeline
     pipe = ICEditPipeline.from_pretrained(args.weights, lora=args.lora)
     examples = heldout_examples(args.per_type)
-    scores = [check_edit(ex.record, ex.source, pipe.edit(ex.source, ex.instruction, width=ex.source.width,
-                                                         steps=args.steps, seed=SEED_OFFSET + 97 * i, progress=False))
-              for i, ex in enumerate(examples)]
-    per_type = [np.mean([s.success for ex, s in zip(examples, scores) if ex.record.edit_type == t]) for t in JUDGED_TYPES]
-    print(f"{args.lora}: {args.per_type} held-out edits per judged type, success {100 * np.mean(per_type):.0f}% "
-          f"(mean over types)\n")
+    _, scores, _ = run_row(pipe, examples, steps=args.steps)  # the ablation's sampler seeds
+    per_type = summarize(str(args.lora), examples, scores, args.steps)["per_type"]
+    print(f"{args.lora}: {args.per_type} held-out edits per judged type, success "
+          f"{100 * np.mean(list(per_type.values())):.0f}% (mean over types)\n")
     print(breakdown([ex.record for ex in examples], scores))
     return 0
 

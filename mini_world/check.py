@@ -314,7 +314,8 @@ def _check_add(m: _Measure) -> Result:
         loc_ok = {"left": cx < 0.5, "right": cx > 0.5, "top": cy < 0.5, "bottom": cy > 0.5}[where]
     done = shape_ok and area_ok and loc_ok
     edit = iou * (1.0 if area_ok else 0.5) * (1.0 if loc_ok else 0.5)
-    return done, edit, m.grow((m.tgt_masks[j] > 0) | blob), {**figs, "area_ok": float(area_ok), "location_ok": float(loc_ok)}
+    return done, edit, m.grow((m.tgt_masks[j] > 0) | blob), {**figs, "shape_ok": float(shape_ok), "area_ok": float(area_ok),
+                                                             "location_ok": float(loc_ok)}
 
 
 def _near_blob(m: _Measure, comps: list[tuple[np.ndarray, np.ndarray]], cx: float, cy: float, reach: float) -> np.ndarray:

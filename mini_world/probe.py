@@ -81,7 +81,7 @@ def caption_reading(pipe, n: int, steps: int, size: int = 64) -> tuple[float, fl
 
 def shape_drawing(pipe, n: int, steps: int) -> dict[str, float]:
     """Per prompt form, the share of n held-out additions whose new object the base draws as asked."""
-    from mini_world.check import SHAPE_IOU_MIN, check_edit
+    from mini_world.check import check_edit
     from mini_world.judged import heldout_examples
     adds = [ex for ex in heldout_examples(n) if ex.record.edit_type == "add"]
     drawn = {}
@@ -94,7 +94,7 @@ def shape_drawing(pipe, n: int, steps: int) -> dict[str, float]:
                 out = pipe.edit(ex.source, world.caption(ex.record.target), width=ex.source.width, steps=steps,
                                 seed=i, template=template, progress=False)
             f = check_edit(ex.record, ex.source, out).figures
-            ok.append(f["iou"] == f["best_iou"] and f["iou"] >= SHAPE_IOU_MIN and f["area_ok"] == 1)
+            ok.append(f["shape_ok"] == 1 and f["area_ok"] == 1)
         drawn[name] = float(np.mean(ok))
     return drawn
 

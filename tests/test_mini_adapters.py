@@ -13,6 +13,7 @@ from flux_minimal.errors import FluxMinimalError
 from flux_minimal.flux_loading import load_flux
 from flux_minimal.lora_files import load_lora
 from mini_world import adapters as A
+from mini_world import world
 from mini_world.check import check_edit
 from mini_world.quick import encode
 
@@ -114,7 +115,7 @@ def test_tinted_phase_recolours_both_sides_alike_and_weights_its_types(monkeypat
     recoloured = 0
     for ex in tinted:
         src, tgt = (np.asarray(im, np.int16) for im in (ex.source, ex.target))
-        clean = [np.asarray(im, np.int16) for im in (world_render(ex.record.source), world_render(ex.record.target))]
+        clean = [np.asarray(world.render(scene, A.SIZE), np.int16) for scene in (ex.record.source, ex.record.target)]
         if np.array_equal(src, clean[0]):
             assert np.array_equal(tgt, clean[1])
             continue
@@ -125,8 +126,3 @@ def test_tinted_phase_recolours_both_sides_alike_and_weights_its_types(monkeypat
         assert 0 < np.abs(src - clean[0]).max() <= 255
     assert 15 <= recoloured <= 45  # tint=0.5 of 60 pairs, by their own generators
     assert [e.instruction for e in plain] != [e.instruction for e in tinted]  # another pool, other pairs
-
-
-def world_render(scene):
-    from mini_world import world
-    return world.render(scene, A.SIZE)
