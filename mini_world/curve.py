@@ -81,10 +81,10 @@ def plot(series: dict[str, list[tuple[float, float]]], marks: dict[str, float], 
     for h in np.arange(0, x_max, step):
         d.text((X(h) - 8, H - bottom + 6), f"{h:g}", fill="black")
     d.text(((W - right) // 2 - 40, H - 18), xlabel, fill="black")
-    for name, x in marks.items():
+    for i, (name, x) in enumerate(marks.items()):
         for y in range(top, H - bottom, 8):
             d.line([(X(x), y), (X(x), y + 4)], fill=(150, 150, 150))
-        d.text((X(x) + 3, top), name, fill=(110, 110, 110))
+        d.text((X(x) + 3, top + 12 * (i % 2)), name, fill=(110, 110, 110))  # staggered: close marks stay legible
     for i, (name, pts) in enumerate(series.items()):
         xy = [(X(x), Y(y)) for x, y in pts if np.isfinite(y)]  # a probe with nothing to measure is left out
         if len(xy) > 1:

@@ -1,8 +1,8 @@
 """Probe the mini world's bottlenecks: what caps edit success before any adapter is trained.
 
-    .venv/bin/python -m mini_world.probe --weights assets/mini       # ~30 s on 2 cores
+    .venv/bin/python -m mini_world.probe --weights assets/mini       # ~1 min on 2 cores
 
-Three figures, each a precondition of an instruction edit, measured on fresh scenes:
+Four figures, each a precondition of an instruction edit, measured on fresh scenes:
   VAE ceiling      the edit checker (mini_world/check.py) on held-out *targets* after a VAE round
                    trip: every output leaves through the decoder, so no DiT can do better
   in-context copy  the base model asked for "the same scene" with the right half masked: the
@@ -11,8 +11,10 @@ Three figures, each a precondition of an instruction edit, measured on fresh sce
                    object-coloured output pixels whose colour the caption names, against the same
                    share for the colours of an unrelated scene (what ignoring the caption gives)
   shape drawing    the held-out additions' target scenes asked of the base by their full captions,
-                   as a second scene and as "the same scene" (the left lacks the new object): the
-                   share whose new object comes out in its colour and shape (the add rule of
+                   as a second scene, as "the same scene" (the left lacks the new object), and in
+                   place: the target on both sides with the new object's box hidden on the left too
+                   (the base's own hidden-object task, where and how large are given by the hole):
+                   the share whose new object comes out in its colour and shape (the add rule of
                    mini_world/check.py without its location), the skill an addition needs
 """
 
@@ -21,12 +23,17 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
 
-from infer.pipeline import ICEditPipeline
+from infer.pipeline import EditJob, ICEditPipeline
 from flux_minimal.errors import run_cli
+from flux_minimal.icedit import make_diptych
+from flux_minimal.images import to_tensor
+from flux_minimal.sampling import Conditioning, fill_conditioning, vae_down
 
 from mini_world import world
-from mini_world.recipe import SAME_SCENE_PROMPT, TWO_SCENES_PROMPT
+from mini_world.recipe import SAME_SCENE_PROMPT, TWO_SCENES_PROMPT, object_box
 from mini_world.ablation import summarize, vae_ceiling
 
 PALETTE = np.array(list(world.COLORS.values()), dtype=np.float64)  # [8, 3]
@@ -79,6 +86,22 @@ def caption_reading(pipe, n: int, steps: int, size: int = 64) -> tuple[float, fl
     return float(np.mean(named)), float(np.mean(unrelated))
 
 
+@torch.no_grad()
+def inpaint(pipe, canvas: Image.Image, mask: torch.Tensor, prompt: str, seed: int, steps: int,
+            guidance: float = 50.0) -> Image.Image:
+    """The base as FLUX Fill on any mask: generate the diptych `canvas` (W x H) where mask [1, 1, H, W] is 1,
+    under `prompt` as given (no template); returns the right half."""
+    W, H = canvas.size
+    with warnings.catch_warnings():  # long captions are cut to T5's length, as in training
+        warnings.simplefilter("ignore")
+        txt, _, vec = pipe.encode_text([prompt])
+    img_cond = fill_conditioning(pipe.vae, to_tensor(canvas).to(pipe.device), mask.to(pipe.device))
+    down = vae_down(pipe.vae)
+    job = EditJob(canvas, prompt, H, W, Conditioning.of(txt, vec, img_cond, H, W, down), down)
+    state = pipe.sample(job, pipe.initial_state(job, [seed], steps), guidance, progress=False)
+    return pipe.decode(state.x, job)[0]
+
+
 def shape_drawing(pipe, n: int, steps: int) -> dict[str, float]:
     """Per prompt form, the share of n held-out additions whose new object the base draws as asked."""
     from mini_world.check import check_edit
@@ -86,13 +109,24 @@ def shape_drawing(pipe, n: int, steps: int) -> dict[str, float]:
     adds = [ex for ex in heldout_examples(n) if ex.record.edit_type == "add"]
     drawn = {}
     for name, template in (("second scene", TWO_SCENES_PROMPT.format(right="{instruction}")),
-                           ("same scene", SAME_SCENE_PROMPT.format(caption="{instruction}"))):
+                           ("same scene", SAME_SCENE_PROMPT.format(caption="{instruction}")),
+                           ("in place", None)):
         ok = []
         for i, ex in enumerate(adds):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                out = pipe.edit(ex.source, world.caption(ex.record.target), width=ex.source.width, steps=steps,
-                                seed=i, template=template, progress=False)
+            caption = world.caption(ex.record.target)
+            if template is None:  # the target twice, the right half and the new object's box on the left hidden
+                size = ex.target.width
+                mask = torch.zeros(1, 1, size, 2 * size)
+                mask[..., size:] = 1
+                rows, cols = object_box(ex.record.target.objects[ex.record.new_obj])
+                mask[..., rows, cols] = 1
+                out = inpaint(pipe, make_diptych(ex.target, ex.target), mask, SAME_SCENE_PROMPT.format(caption=caption),
+                              seed=i, steps=steps)
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    out = pipe.edit(ex.source, caption, width=ex.source.width, steps=steps, seed=i,
+                                    template=template, progress=False)
             f = check_edit(ex.record, ex.source, out).figures
             ok.append(f["shape_ok"] == 1 and f["area_ok"] == 1)
         drawn[name] = float(np.mean(ok))

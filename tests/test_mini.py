@@ -204,7 +204,7 @@ def test_caption_probe_separates_reading_from_ignoring():
     rng = np.random.default_rng(778)  # the probe's scene stream: (left, right, unrelated) per sample
     right = {}
     for _ in range(8):
-        a, b, _c = world.random_scene(rng), world.random_scene(rng), world.random_scene(rng)
+        _left, b, _unrelated = (world.random_scene(rng) for _ in range(3))
         right[world.caption(b)] = b
     draw = _FakePipe(lambda src, prompt: world.render(right[prompt.split("On the right: ", 1)[1]], 64))
     named, unrelated = caption_reading(draw, n=8, steps=1)
@@ -239,15 +239,51 @@ def test_quick_adapter_experiment(capsys, monkeypatch):
     assert "step 2: loss" in out and "changed@0.9" in out and "success: train" in out
 
 
-def test_shape_drawing_probe_separates_drawing_from_copying():
-    """A base that draws each captioned target exactly scores 100% in both prompt forms; one that
-    copies the left scene (which lacks the new object) scores 0%."""
+def test_shape_drawing_probe_separates_drawing_from_copying(monkeypatch):
+    """A base that draws each captioned target exactly scores 100% in every prompt form; one that
+    copies the left scene (which lacks the new object, or shows only the hole where it is hidden)
+    scores 0%. The in-place form's mask hides exactly the new object's box on the left."""
+    import numpy as np
+    from PIL import Image
+
+    import mini_world.probe as probe
     from mini_world.judged import heldout_examples
-    from mini_world.probe import shape_drawing
-    targets = {world.caption(ex.record.target): ex.target for ex in heldout_examples(5) if ex.record.edit_type == "add"}
+    adds = [ex for ex in heldout_examples(5) if ex.record.edit_type == "add"]
+    targets = {world.caption(ex.record.target): ex.target for ex in adds}
+    holes = []
+
+    def draws(pipe, canvas, mask, prompt, seed, steps):  # fills the hole from the caption
+        holes.append(mask[0, 0, :, :64].sum().item())
+        return targets[prompt.split(": ", 1)[1]]
+
+    def copies(pipe, canvas, mask, prompt, seed, steps):  # copies the left, hole and all
+        left = np.asarray(canvas)[:, :64].copy()
+        left[mask[0, 0, :, :64].numpy() > 0] = 128
+        return Image.fromarray(left)
 
     class Draw:
         def edit(self, image, instruction, **kw):
             return targets[instruction]
-    assert shape_drawing(Draw(), n=5, steps=1) == {"second scene": 1.0, "same scene": 1.0}
-    assert shape_drawing(_FakePipe(lambda src, prompt: src), n=5, steps=1) == {"second scene": 0.0, "same scene": 0.0}
+    monkeypatch.setattr(probe, "inpaint", draws)
+    assert probe.shape_drawing(Draw(), n=5, steps=1) == {"second scene": 1.0, "same scene": 1.0, "in place": 1.0}
+    boxes = [probe.object_box(ex.record.target.objects[ex.record.new_obj]) for ex in adds]
+    assert holes == [(r.stop - r.start) * (c.stop - c.start) for r, c in boxes]
+    monkeypatch.setattr(probe, "inpaint", copies)
+    assert probe.shape_drawing(_FakePipe(lambda src, prompt: src), n=5, steps=1) == \
+        {"second scene": 0.0, "same scene": 0.0, "in place": 0.0}
+
+
+def test_inpaint_on_the_right_half_is_an_edit():
+    """mini_world.probe.inpaint (Fill on any mask) with the right-half mask and the in-context prompt
+    is exactly the pipeline's edit: the same conditioning, noise and sampler (the shipped base)."""
+    import numpy as np
+
+    from flux_minimal.icedit import ic_prompt, make_diptych
+    from mini_world.probe import inpaint
+    pipe = ICEditPipeline.from_pretrained(REPO / "assets/mini")
+    source = Image.open(REPO / "examples/mini/scene_01.png").convert("RGB")
+    mask = torch.zeros(1, 1, 64, 128)
+    mask[..., 64:] = 1
+    ours = inpaint(pipe, make_diptych(source), mask, ic_prompt("turn the red circle blue"), seed=3, steps=3)
+    edit = pipe.edit(source, "turn the red circle blue", width=64, steps=3, seed=3, progress=False)
+    assert np.array_equal(np.asarray(ours), np.asarray(edit))
