@@ -143,20 +143,23 @@ class ICEditPipeline:
 
     @torch.no_grad()
     def prepare(self, image, instruction: str, width: int = EDIT.width, watch: Stopwatch | None = None,
-                min_side: int = MIN_SIDE, template: str = IC_PROMPT) -> EditJob:
+                min_side: int = MIN_SIDE, template: str = IC_PROMPT, mask: Tensor | None = None) -> EditJob:
         """Fit the source, build the diptych and mask, encode the prompt and the masked diptych.
         `template` is the in-context prompt; "{instruction}" alone gives the paper's ablation
-        without it."""
+        without it. `mask` [1, 1, H, W] (1: generate) replaces ICEdit's right-half mask, for Fill
+        on other holes (the mini world's probes)."""
         watch = watch or Stopwatch(self.device)
         source = fit_width(load_image(image, min_side), width)
         prompt = ic_prompt(instruction, template)
         diptych = make_diptych(source)
         W, H = diptych.size
+        if mask is not None and tuple(mask.shape) != (1, 1, H, W):
+            raise FluxMinimalError(f"mask must have shape [1, 1, {H}, {W}] for this diptych, not {list(mask.shape)}")
         with watch("text"):
             txt, _, vec = self.encode_text([prompt])
         with watch("encode"):
             img_cond = fill_conditioning(self.vae, to_tensor(diptych).to(self.device),
-                                         right_half_mask(H, W).to(self.device))
+                                         (right_half_mask(H, W) if mask is None else mask).to(self.device))
         down = vae_down(self.vae)
         cond = Conditioning.of(txt, vec, img_cond, H, W, down)
         return EditJob(source, instruction, H, W, cond, down)

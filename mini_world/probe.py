@@ -26,11 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from infer.pipeline import EditJob, ICEditPipeline
+from infer.pipeline import ICEditPipeline
 from flux_minimal.errors import run_cli
-from flux_minimal.icedit import make_diptych
-from flux_minimal.images import to_tensor
-from flux_minimal.sampling import Conditioning, fill_conditioning, vae_down
 
 from mini_world import world
 from mini_world.recipe import SAME_SCENE_PROMPT, TWO_SCENES_PROMPT, object_box
@@ -87,17 +84,13 @@ def caption_reading(pipe, n: int, steps: int, size: int = 64) -> tuple[float, fl
 
 
 @torch.no_grad()
-def inpaint(pipe, canvas: Image.Image, mask: torch.Tensor, prompt: str, seed: int, steps: int,
+def inpaint(pipe, image: Image.Image, mask: torch.Tensor, prompt: str, seed: int, steps: int,
             guidance: float = 50.0) -> Image.Image:
-    """The base as FLUX Fill on any mask: generate the diptych `canvas` (W x H) where mask [1, 1, H, W] is 1,
-    under `prompt` as given (no template); returns the right half."""
-    W, H = canvas.size
+    """The base as FLUX Fill on any hole: the diptych [image | image], generated where mask
+    [1, 1, H, 2W] is 1, under `prompt` as given (no template); returns the right half."""
     with warnings.catch_warnings():  # long captions are cut to T5's length, as in training
         warnings.simplefilter("ignore")
-        txt, _, vec = pipe.encode_text([prompt])
-    img_cond = fill_conditioning(pipe.vae, to_tensor(canvas).to(pipe.device), mask.to(pipe.device))
-    down = vae_down(pipe.vae)
-    job = EditJob(canvas, prompt, H, W, Conditioning.of(txt, vec, img_cond, H, W, down), down)
+        job = pipe.prepare(image, prompt, image.width, template="{instruction}", mask=mask)
     state = pipe.sample(job, pipe.initial_state(job, [seed], steps), guidance, progress=False)
     return pipe.decode(state.x, job)[0]
 
@@ -120,8 +113,7 @@ def shape_drawing(pipe, n: int, steps: int) -> dict[str, float]:
                 mask[..., size:] = 1
                 rows, cols = object_box(ex.record.target.objects[ex.record.new_obj])
                 mask[..., rows, cols] = 1
-                out = inpaint(pipe, make_diptych(ex.target, ex.target), mask, SAME_SCENE_PROMPT.format(caption=caption),
-                              seed=i, steps=steps)
+                out = inpaint(pipe, ex.target, mask, SAME_SCENE_PROMPT.format(caption=caption), seed=i, steps=steps)
             else:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")

@@ -252,12 +252,12 @@ def test_shape_drawing_probe_separates_drawing_from_copying(monkeypatch):
     targets = {world.caption(ex.record.target): ex.target for ex in adds}
     holes = []
 
-    def draws(pipe, canvas, mask, prompt, seed, steps):  # fills the hole from the caption
+    def draws(pipe, image, mask, prompt, seed, steps):  # fills the hole from the caption
         holes.append(mask[0, 0, :, :64].sum().item())
         return targets[prompt.split(": ", 1)[1]]
 
-    def copies(pipe, canvas, mask, prompt, seed, steps):  # copies the left, hole and all
-        left = np.asarray(canvas)[:, :64].copy()
+    def copies(pipe, image, mask, prompt, seed, steps):  # copies the left, hole and all
+        left = np.asarray(image).copy()
         left[mask[0, 0, :, :64].numpy() > 0] = 128
         return Image.fromarray(left)
 
@@ -274,16 +274,20 @@ def test_shape_drawing_probe_separates_drawing_from_copying(monkeypatch):
 
 
 def test_inpaint_on_the_right_half_is_an_edit():
-    """mini_world.probe.inpaint (Fill on any mask) with the right-half mask and the in-context prompt
-    is exactly the pipeline's edit: the same conditioning, noise and sampler (the shipped base)."""
+    """mini_world.probe.inpaint (Fill on any mask, through ICEditPipeline.prepare's `mask`) with the
+    right-half mask and the in-context prompt is exactly the pipeline's edit (the shipped base); a
+    mask of the wrong size is refused with its expected shape."""
     import numpy as np
 
-    from flux_minimal.icedit import ic_prompt, make_diptych
+    from flux_minimal.icedit import ic_prompt
     from mini_world.probe import inpaint
     pipe = ICEditPipeline.from_pretrained(REPO / "assets/mini")
     source = Image.open(REPO / "examples/mini/scene_01.png").convert("RGB")
     mask = torch.zeros(1, 1, 64, 128)
     mask[..., 64:] = 1
-    ours = inpaint(pipe, make_diptych(source), mask, ic_prompt("turn the red circle blue"), seed=3, steps=3)
+    ours = inpaint(pipe, source, mask, ic_prompt("turn the red circle blue"), seed=3, steps=3)
     edit = pipe.edit(source, "turn the red circle blue", width=64, steps=3, seed=3, progress=False)
     assert np.array_equal(np.asarray(ours), np.asarray(edit))
+    from flux_minimal.errors import FluxMinimalError
+    with pytest.raises(FluxMinimalError, match=r"mask must have shape \[1, 1, 64, 128\]"):
+        inpaint(pipe, source, mask[..., :64], "x", seed=0, steps=1)
